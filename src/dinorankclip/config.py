@@ -1,0 +1,130 @@
+"""Load, validate and resolve `params.yaml`: the single source of truth for every stage.
+
+A job's configuration is resolved in three layers, DINOv3-style: the shared method defaults (`seed`, `loss`),
+the selected study's block (`studies.<study>`: data, model and schedule at demo or paper scale), and, for
+per-run stages, the run's entry in the registry (`runs.<run>`), which overrides any of those keys.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+PARAMS_FILE = "params.yaml"
+# Snakemake passes its merged configuration (params.yaml + --config/--configfile) to every job through this
+# variable, so a job sees exactly the configuration the workflow validated.
+PARAMS_ENV = "DINORANKCLIP_PARAMS_JSON"
+SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "params.schema.yaml"
+
+
+class ParamsError(ValueError):
+    """A parameter file that fails validation; the message names every bad key."""
+
+
+def load_schema() -> dict:
+    if not SCHEMA_PATH.is_file():
+        raise ParamsError(f"parameter schema not found at {SCHEMA_PATH}; install the project editable (uv sync)")
+    return yaml.safe_load(SCHEMA_PATH.read_text())
+
+
+def _key_path(path: list) -> str:
+    return ".".join(str(p) for p in path) or "<top level>"
+
+
+def _describe(error: jsonschema.ValidationError) -> str:
+    """One line per error, starting with the dotted key so a user can find it in params.yaml."""
+    path = list(error.absolute_path)
+    if error.validator == "additionalProperties":
+        unknown = sorted(set(error.instance) - set(error.schema.get("properties", {})))
+        return "; ".join(f"{_key_path(path + [k])}: unknown key" for k in unknown)
+    if error.validator == "required":
+        missing = [k for k in error.validator_value if k not in error.instance]
+        return "; ".join(f"{_key_path(path + [k])}: required key is missing" for k in missing)
+    return f"{_key_path(path)}: {error.message}"
+
+
+def validate_params(params: Mapping[str, Any], source: str = PARAMS_FILE) -> None:
+    """Check `params` against the JSON schema and the cross-key rules; raise ParamsError naming each bad key."""
+    validator = jsonschema.Draft202012Validator(load_schema())
+    problems = [_describe(e) for e in sorted(validator.iter_errors(params), key=lambda e: list(e.absolute_path))]
+    if not problems:
+        problems = _cross_key_problems(params)
+    if problems:
+        raise ParamsError(f"{source} is invalid:\n  " + "\n  ".join(problems))
+
+
+def _cross_key_problems(params: Mapping[str, Any]) -> list[str]:
+    """Rules a JSON schema cannot express: references between keys."""
+    problems = []
+    if params["study"] not in params["studies"]:
+        problems.append(f"study: '{params['study']}' is not one of studies ({', '.join(params['studies'])})")
+    for study, block in params["studies"].items():
+        ev = block["evaluate"]
+        names = [benchmark_name(suite["dataset"]) for suite in ev["suites"]]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            problems.append(f"studies.{study}.evaluate.suites: benchmarks listed twice: {', '.join(duplicates)}")
+        if len(names) > 1 and "{dataset_cleaned}" not in ev["dataset_root"] and "{dataset}" not in ev["dataset_root"]:
+            problems.append(f"studies.{study}.evaluate.dataset_root: must contain {{dataset_cleaned}} or {{dataset}} "
+                            "to hold several suites")
+    return problems
+
+
+def load_params(path: str | os.PathLike | None = None) -> dict:
+    """The validated parameters: Snakemake's merged config when running under the workflow, else the file."""
+    if path is None and os.environ.get(PARAMS_ENV):
+        params, source = json.loads(os.environ[PARAMS_ENV]), f"${PARAMS_ENV}"
+    else:
+        file = Path(path or PARAMS_FILE)
+        if not file.is_file():
+            raise ParamsError(f"parameter file {file} not found (run from the project root or pass --params)")
+        params, source = yaml.safe_load(file.read_text()), str(file)
+    validate_params(params, source)
+    return params
+
+
+def deep_merge(base: Mapping[str, Any], delta: Mapping[str, Any]) -> dict:
+    """`base` updated recursively by `delta`; mappings merge, everything else is replaced."""
+    merged = copy.deepcopy(dict(base))
+    for key, value in delta.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def resolve(params: Mapping[str, Any], study: str | None = None, run: str | None = None) -> dict:
+    """The configuration one job sees: shared defaults, then the study block, then the run's overrides."""
+    study = study or params["study"]
+    if study not in params["studies"]:
+        raise ParamsError(f"study: '{study}' is not one of studies ({', '.join(params['studies'])})")
+    config = {"study": study, "seed": params["seed"], "loss": params["loss"], **params["studies"][study]}
+    if run is not None:
+        if run not in params["runs"]:
+            raise ParamsError(f"runs.{run}: no such run in the registry (known: {', '.join(params['runs'])})")
+        config = deep_merge(config, params["runs"][run] or {})
+        config["run"] = run
+    return config
+
+
+def run_names(params: Mapping[str, Any]) -> list[str]:
+    """Every run in the registry; each study trains and evaluates all of them."""
+    return list(params["runs"])
+
+
+def benchmark_name(dataset: str) -> str:
+    """clip-benchmark's `dataset_cleaned`: the dataset name without `wds/`, slashes as dashes."""
+    return dataset.removeprefix("wds/").replace("/", "-")
+
+
+def suite_names(params: Mapping[str, Any], study: str) -> list[str]:
+    """The benchmark names of a study's suites: one evaluation JSON per run and benchmark."""
+    return [benchmark_name(suite["dataset"]) for suite in params["studies"][study]["evaluate"]["suites"]]
