@@ -1,0 +1,130 @@
+"""The `teacher` stage: cached teacher features, one feature shard per image shard, keyed by the image keys.
+
+There is no augmentation in the recipe, so one teacher pass per image is exact for the whole of training. Each
+finished shard is written atomically into a staging folder (outside the declared output), so a killed job
+resumes without recomputing finished shards; at the end a coverage check compares feature keys with image keys.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from tqdm import tqdm
+
+from dinorankclip.data.loader import IMAGE_KEYS
+from dinorankclip.io import fingerprint, prepare_staging, read_json, write_json
+from dinorankclip.models.clip import model_config
+from dinorankclip.models.teacher import load_teacher, teacher_features, teacher_transform
+
+log = logging.getLogger(__name__)
+CC3M_PAIRS = 2_905_954  # pairs in the 2021 img2dataset crawl of CC3M (pixparse/cc3m-wds)
+
+
+def shard_keys(tar_path: Path, suffixes: tuple[str, ...]) -> list[str]:
+    with tarfile.open(tar_path) as tar:
+        return sorted({m.name.split(".", 1)[0] for m in tar if m.isfile() and m.name.endswith(suffixes)})
+
+
+def _images(shard: Path):
+    """(key, RGB image) for every image in `shard`, in tar order."""
+    with tarfile.open(shard) as tar:
+        for member in tar:
+            if member.isfile() and member.name.lower().endswith(IMAGE_KEYS):
+                with Image.open(io.BytesIO(tar.extractfile(member).read())) as img:
+                    yield member.name.split(".", 1)[0], img.convert("RGB")
+
+
+def cache_shard(model, shard: Path, dest: Path, transform, teacher: dict, device: torch.device) -> int:
+    """Compute and write the features of one image shard; return the number of images."""
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    count, batch = 0, []
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    with wds.TarWriter(str(tmp), mtime=0) as sink:
+        def flush():
+            keys, images = zip(*batch, strict=True)
+            with autocast:
+                cls, patches = teacher_features(model, torch.stack(images).to(device), teacher["blocks"],
+                                                teacher["grid"])
+            for key, c, p in zip(keys, cls.half().cpu().numpy(), patches.half().cpu().numpy(), strict=True):
+                sink.write({"__key__": key, "cls.npy": c, "patches.npy": p})
+
+        for key, img in _images(shard):
+            batch.append((key, transform(img)))
+            count += 1
+            if len(batch) == teacher["batch_size"]:
+                flush()
+                batch = []
+        if batch:
+            flush()
+    os.replace(tmp, dest)
+    return count
+
+
+def coverage(image_shards: list[Path], feature_shards: list[Path]) -> dict:
+    """Compare image keys with feature keys shard by shard; raise naming the first missing or extra keys."""
+    problems = []
+    for img, feat in zip(image_shards, feature_shards, strict=True):
+        want, have = set(shard_keys(img, IMAGE_KEYS)), set(shard_keys(feat, (".cls.npy",)))
+        if want - have:
+            problems.append(f"{feat.name}: no features for {sorted(want - have)[:5]} ({len(want - have)} keys)")
+        if have - want:
+            problems.append(f"{feat.name}: features for unknown keys {sorted(have - want)[:5]} ({len(have - want)})")
+    if problems:
+        raise ValueError("teacher cache coverage check failed:\n  " + "\n  ".join(problems))
+    return {"shards": len(feature_shards), "checked": True}
+
+
+def build_feature_cache(cfg: dict, data_dir: Path, staging: Path, out: Path) -> dict:
+    """Features for every image of the study's shards, shard by shard (resumable), then moved into `out`."""
+    teacher = cfg["teacher"]
+    index = read_json(data_dir / "shards.json")
+    image_shards = [data_dir / entry["url"] for entry in index["shardlist"]]
+    prepare_staging(staging, fingerprint([data_dir / "shards.json"], {"teacher": teacher, "arch": cfg["model"]}))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(cfg["seed"])
+    torch.set_num_threads(teacher["threads"])
+    model = load_teacher(teacher, device)
+    transform = teacher_transform(model_config(cfg["model"]["arch"])["vision_cfg"]["image_size"])
+
+    total = sum(entry["nsamples"] for entry in index["shardlist"])
+    done = sum(entry["nsamples"] for entry in index["shardlist"] if (staging / Path(entry["url"]).name).exists())
+    progress = tqdm(total=total, initial=done, desc="teacher features", unit="img", mininterval=5)
+    start, computed = time.perf_counter(), 0
+    for shard in image_shards:
+        dest = staging / shard.name
+        if dest.exists():
+            continue
+        n = cache_shard(model, shard, dest, transform, teacher, device)
+        computed += n
+        progress.update(n)
+    progress.close()
+    seconds = time.perf_counter() - start
+
+    (out / "features").mkdir()
+    feature_shards = []
+    for shard in image_shards:
+        os.replace(staging / shard.name, out / "features" / shard.name)
+        feature_shards.append(out / "features" / shard.name)
+    stats = coverage(image_shards, feature_shards)
+    nbytes = sum(p.stat().st_size for p in feature_shards)
+    stats.update(images=total, bytes=nbytes, bytes_per_image=nbytes / total,
+                 cc3m_projected_gb=nbytes / total * CC3M_PAIRS / 1e9,
+                 images_per_s=computed / seconds if computed else None, model=teacher["model"],
+                 blocks=teacher["blocks"], grid=teacher["grid"], dtype="float16")
+    write_json(out / "features.json", {"__kind__": "wids-shard-index-v1", "wids_version": 1,
+                                       "name": f"{cfg['study']}-teacher", "shardlist": [
+                                           {"url": f"features/{p.name}", "nsamples": e["nsamples"]}
+                                           for p, e in zip(feature_shards, index["shardlist"], strict=True)]})
+    write_json(out / "stats.json", stats)
+    log.info("teacher cache: %d images, %.1f KB/image, CC3M projection %.1f GB", total,
+             stats["bytes_per_image"] / 1e3, stats["cc3m_projected_gb"])
+    return stats
