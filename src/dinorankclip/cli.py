@@ -1,0 +1,134 @@
+"""`dinorankclip <stage>`: the one entry point that Snakemake rules and DVC stages call.
+
+Each stage resolves its configuration from params.yaml (validated first), writes its output directory
+atomically, records its resolved config next to the output, and is one MLflow run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+import yaml
+
+from dinorankclip.config import ParamsError, load_params, resolve, run_names, suite_names
+from dinorankclip.io import atomic_dir
+from dinorankclip.layout import stage_dir, state_dir, study_dir
+
+log = logging.getLogger("dinorankclip")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+
+def write_config(cfg: dict, out: Path) -> None:
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+
+def cmd_source(cfg: dict, args, tracker) -> None:
+    from dinorankclip.data.source import build_source
+
+    with atomic_dir(stage_dir(cfg["study"], "source")) as out:
+        stats = build_source(cfg, out)
+        write_config(cfg, out)
+    tracker.log_metrics({k: v for k, v in stats.items() if isinstance(v, int)}, step=0)
+
+
+def cmd_data(cfg: dict, args, tracker) -> None:
+    from dinorankclip.data.download import build_shards
+
+    study = cfg["study"]
+    with atomic_dir(stage_dir(study, "data")) as out:
+        stats = build_shards(cfg, stage_dir(study, "source"), state_dir(study, "data"), out)
+        write_config(cfg, out)
+    tracker.log_metrics({k: v for k, v in stats.items() if isinstance(v, int)}, step=0)
+    tracker.log_artifact(stage_dir(study, "data") / "stats.json")
+
+
+def cmd_teacher(cfg: dict, args, tracker) -> None:
+    from dinorankclip.data.features import build_feature_cache
+
+    study = cfg["study"]
+    with atomic_dir(stage_dir(study, "teacher")) as out:
+        stats = build_feature_cache(cfg, stage_dir(study, "data"), state_dir(study, "teacher"), out)
+        write_config(cfg, out)
+    tracker.log_metrics({k: v for k, v in stats.items() if isinstance(v, int | float)}, step=0)
+
+
+def cmd_pretrain(cfg: dict, args, tracker) -> None:
+    from dinorankclip.train.pretrain import pretrain
+
+    study = cfg["study"]
+    with atomic_dir(stage_dir(study, "pretrain", cfg["run"])) as out:
+        write_config(cfg, out)
+        pretrain(cfg, stage_dir(study, "data"), out, tracker)
+    tracker.log_artifact(stage_dir(study, "pretrain", cfg["run"]) / "metrics.json")
+
+
+def cmd_evaluate(cfg: dict, args, tracker) -> None:
+    from dinorankclip.eval.suites import evaluate_run
+
+    study = cfg["study"]
+    model_dir = stage_dir(study, "pretrain", cfg["run"]) / "model"
+    with atomic_dir(stage_dir(study, "evaluate", cfg["run"])) as out:
+        evaluate_run(cfg, model_dir, out, tracker)
+    for path in sorted(stage_dir(study, "evaluate", cfg["run"]).glob("*.json")):
+        tracker.log_artifact(path, "evaluation")
+
+
+def cmd_report(cfg: dict, args, tracker) -> None:
+    from dinorankclip.report.build import build_report
+
+    study = cfg["study"]
+    with atomic_dir(stage_dir(study, "report")) as out:
+        build_report(study, stage_dir(study, "evaluate"), args.runs, args.benchmarks, out)
+    for path in sorted(stage_dir(study, "report").iterdir()):
+        tracker.log_artifact(path, "report")
+    print(f"report: {stage_dir(study, 'report').resolve()}")
+
+
+STAGES = {"source": cmd_source, "data": cmd_data, "teacher": cmd_teacher, "pretrain": cmd_pretrain,
+          "evaluate": cmd_evaluate, "report": cmd_report}
+PER_RUN = {"pretrain", "evaluate"}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dinorankclip", description=__doc__.splitlines()[0])
+    p.add_argument("--params", help="parameter file (default: params.yaml, or the workflow's merged config)")
+    p.add_argument("--study", help="study to run (default: `study` in the parameters)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+    for name in STAGES:
+        s = sub.add_parser(name, help=f"run the {name} stage")
+        if name in PER_RUN:
+            s.add_argument("--run", required=True, help="run name from the registry (params.yaml: runs)")
+    sub.add_parser("check", help="validate the parameters and print the runs and suites")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        params = load_params(args.params)
+        cfg = resolve(params, args.study, getattr(args, "run", None))
+    except ParamsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.command == "check":
+        print(f"study {cfg['study']}: runs {', '.join(run_names(params))}; "
+              f"suites {', '.join(suite_names(params, cfg['study']))}")
+        return 0
+    args.runs, args.benchmarks = run_names(params), suite_names(params, cfg["study"])
+    from dinorankclip.tracking import job_run
+
+    with job_run(cfg, study_dir(cfg["study"]), args.command) as tracker:
+        STAGES[args.command](cfg, args, tracker)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

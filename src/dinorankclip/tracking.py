@@ -1,0 +1,118 @@
+"""MLflow: every job is a run in the study's experiment, with its resolved config, metrics and artifacts.
+
+The default store is an embedded sqlite database under `results/<study>/` (mutable, so never a DVC output);
+`MLFLOW_TRACKING_URI` points jobs at a server instead. Metrics are buffered and sent in batches, which keeps
+parallel jobs from contending for the sqlite write lock on every step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import subprocess
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock
+
+log = logging.getLogger(__name__)
+FLUSH_SECONDS = 10.0
+MAX_PARAM_LENGTH = 6000
+
+
+def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Dotted keys to strings, the shape MLflow params take."""
+    flat = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = str(value)[:MAX_PARAM_LENGTH]
+    return flat
+
+
+def metric_name(key: str) -> str:
+    """MLflow accepts alphanumerics and `_-. :/` in metric names; clip-benchmark's `recall@k` becomes `recall_at_k`."""
+    return re.sub(r"[^\w\-. :/]", "_", key.replace("@", "_at_"))
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+class Tracker:
+    """A thin handle on one active MLflow run."""
+
+    def __init__(self, client, run_id: str):
+        self.client, self.run_id = client, run_id
+        self._buffer: list = []
+        self._last_flush = time.monotonic()
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self._buffer += [Metric(metric_name(k), float(v), now, step) for k, v in metrics.items()]
+        if time.monotonic() - self._last_flush > FLUSH_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        for start in range(0, len(self._buffer), 1000):
+            self.client.log_batch(self.run_id, metrics=self._buffer[start:start + 1000])
+        self._buffer, self._last_flush = [], time.monotonic()
+
+    def log_artifact(self, path: str | os.PathLike, folder: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), folder)
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, value)
+
+
+def tracking_uri(study_dir: Path) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{study_dir.resolve() / 'mlflow.db'}"
+
+
+@contextlib.contextmanager
+def job_run(config: Mapping[str, Any], study_dir: Path, stage: str) -> Iterator[Tracker]:
+    """An MLflow run named `<stage>/<run>` in experiment `dinorankclip/<study>`; FAILED if the job raises."""
+    from mlflow.tracking import MlflowClient
+
+    study_dir.mkdir(parents=True, exist_ok=True)
+    uri = tracking_uri(study_dir)
+    experiment_name = f"dinorankclip/{config['study']}"
+    with FileLock(str(study_dir / ".mlflow.lock")):  # one job creates the schema and the experiment
+        client = MlflowClient(tracking_uri=uri)
+        experiment = client.get_experiment_by_name(experiment_name)
+        experiment_id = experiment.experiment_id if experiment else client.create_experiment(
+            experiment_name, artifact_location=(study_dir.resolve() / "mlartifacts").as_uri())
+    name = f"{stage}/{config['run']}" if "run" in config else stage
+    tags = {"stage": stage, "study": config["study"], "git_commit": _git_commit(),
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""), "mlflow.runName": name}
+    if "run" in config:
+        tags["run"] = config["run"]
+    run = client.create_run(experiment_id, run_name=name, tags=tags)
+    tracker = Tracker(client, run.info.run_id)
+    from mlflow.entities import Param
+
+    params = [Param(k, v) for k, v in flatten(config).items()]
+    for start in range(0, len(params), 100):
+        client.log_batch(run.info.run_id, params=params[start:start + 100])
+    status = "FAILED"
+    try:
+        yield tracker
+        status = "FINISHED"
+    finally:
+        try:
+            tracker.flush()
+        finally:
+            client.set_terminated(run.info.run_id, status=status)
+    log.info("MLflow run %s (%s) in %s", name, run.info.run_id, uri)
