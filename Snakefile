@@ -1,0 +1,40 @@
+"""dinorankclip: source -> data -> teacher features -> pretraining -> evaluation -> report (see README.md)."""
+
+import json
+import os
+
+from dinorankclip.config import PARAMS_ENV, validate_params
+
+
+configfile: "params.yaml"
+
+
+# A bad parameter stops the workflow here, before any job starts, with a message naming the key.
+validate_params(config, "workflow configuration (params.yaml with --config/--configfile overrides)")
+# Jobs read the configuration the workflow validated, --config overrides included.
+os.environ[PARAMS_ENV] = json.dumps(config)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/teacher.smk"
+include: "workflow/rules/pretrain.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/report.smk"
+
+
+localrules:
+    all,
+    source,
+    data,
+    report,
+
+
+rule all:
+    default_target: True
+    input:
+        rules.teacher.output,
+        rules.report.output,

@@ -1,0 +1,35 @@
+"""Names shared by the rules: the study, its runs, paths (from dinorankclip.layout) and the job command."""
+
+import json
+import os
+
+from dinorankclip.config import resolve, run_names
+from dinorankclip.layout import stage_dir, study_dir
+
+STUDY = config["study"]
+RUNS = run_names(config)
+# Jobs import the package from this checkout, so a `conda:` env needs only the dependencies.
+SRC = os.path.relpath(os.path.join(workflow.basedir, "src"))
+CLI = f"PYTHONPATH={SRC}${{PYTHONPATH:+:$PYTHONPATH}} python -m dinorankclip --study {STUDY}"
+
+
+wildcard_constraints:
+    run="[a-z0-9][a-z0-9-]*",
+
+
+def out(stage, run=None):
+    return str(stage_dir(STUDY, stage, run))
+
+
+def log_file(stage, run=None):
+    return str(study_dir(STUDY) / "logs" / stage / f"{run or stage}.log")
+
+
+def benchmark_file(stage, run=None):
+    return str(study_dir(STUDY) / "benchmarks" / stage / f"{run or stage}.tsv")
+
+
+def settings(*sections, run=None):
+    """The resolved config sections a job depends on, as JSON: a params rerun trigger for Snakemake."""
+    cfg = resolve(config, STUDY, run)
+    return json.dumps({key: cfg[key] for key in ("seed",) + sections}, sort_keys=True)

@@ -1,0 +1,19 @@
+rule evaluate:
+    """Every suite of the study for one run, through clip-benchmark: one JSON per benchmark."""
+    input:
+        rules.source.output,
+        rules.pretrain.output,
+    output:
+        directory(out("evaluate", "{run}")),
+    params:
+        cli=CLI,
+        settings=lambda w: settings("evaluate", run=w.run),
+    threads: config["studies"][STUDY]["evaluate"]["threads"]
+    log:
+        log_file("evaluate", "{run}"),
+    benchmark:
+        benchmark_file("evaluate", "{run}")
+    conda:
+        "../../envs/dinorankclip.yaml"
+    shell:
+        "{params.cli} evaluate --run {wildcards.run} > {log} 2>&1"

@@ -1,0 +1,18 @@
+rule pretrain:
+    """One run of the registry: open_clip towers trained on the shards; exported as an open_clip local-dir."""
+    input:
+        rules.data.output,
+    output:
+        directory(out("pretrain", "{run}")),
+    params:
+        cli=CLI,
+        settings=lambda w: settings("loss", "model", "pretrain", run=w.run),
+    threads: config["studies"][STUDY]["pretrain"]["threads"]
+    log:
+        log_file("pretrain", "{run}"),
+    benchmark:
+        benchmark_file("pretrain", "{run}")
+    conda:
+        "../../envs/dinorankclip.yaml"
+    shell:
+        "{params.cli} pretrain --run {wildcards.run} > {log} 2>&1"

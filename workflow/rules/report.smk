@@ -1,0 +1,18 @@
+rule report:
+    """Tables (markdown, CSV) and figures (PNG, PDF) of every run on every benchmark."""
+    input:
+        expand(rules.evaluate.output, run=RUNS),
+    output:
+        directory(out("report")),
+    params:
+        cli=CLI,
+        settings=lambda w: settings("evaluate"),
+        runs=RUNS,
+    log:
+        log_file("report"),
+    benchmark:
+        benchmark_file("report")
+    conda:
+        "../../envs/dinorankclip.yaml"
+    shell:
+        "{params.cli} report > {log} 2>&1"
