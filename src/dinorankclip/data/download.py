@@ -2,9 +2,10 @@
 
 img2dataset writes into a staging folder outside the stage's declared output, in incremental mode, so a killed
 download resumes where it stopped; a fingerprint of the caption list and the download settings guards against
-resuming into shards made from something else. When it finishes, every stored image is decoded once more (a
-sample that fails is removed from its shard and counted), the per-URL status that img2dataset records is tallied
-into dead links and undecodable files, and the shards move into the output with a wids index.
+resuming into shards made from something else. When it finishes, every shard is rewritten in key order with
+every image decoded once more (a sample that fails is removed and counted), the per-URL status img2dataset
+records is tallied into dead links and undecodable files (`downloads.tsv`, `stats.json`), and the shards move
+into the output with a wids index.
 """
 
 from __future__ import annotations
@@ -42,46 +43,62 @@ def run_img2dataset(tsv: Path, staging: Path, data: dict) -> None:
     )
 
 
-def _bad_samples(shard: Path) -> list[str]:
-    """Keys whose image does not decode completely (PIL refuses truncated data by default)."""
-    bad = []
+def _decodes(data: bytes) -> bool:
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()  # PIL refuses truncated data by default
+        return True
+    except Exception:  # noqa: BLE001 - any decoder failure means the sample is unusable
+        return False
+
+
+def normalize_shard(shard: Path) -> list[str]:
+    """Rewrite `shard` with its samples in key order and fixed tar headers, dropping samples whose image does
+    not decode; return the dropped keys.
+
+    img2dataset writes samples in the order its threads finish, so the same download gives different tars;
+    sorted, byte-identical shards make a sample's position (what the loader indexes) a function of its key.
+    """
     with tarfile.open(shard) as tar:
-        for member in tar:
-            if member.name.lower().endswith(IMAGE_EXTENSIONS):
-                try:
-                    with Image.open(io.BytesIO(tar.extractfile(member).read())) as img:
-                        img.load()
-                except Exception:  # noqa: BLE001 - any decoder failure means the sample is unusable
-                    bad.append(member.name.split(".", 1)[0])
+        members = [(m.name, tar.extractfile(m).read()) for m in tar if m.isfile()]
+    samples: dict[str, list[tuple[str, bytes]]] = {}
+    for name, data in members:
+        samples.setdefault(name.split(".", 1)[0], []).append((name, data))
+    bad = sorted(key for key, files in samples.items()
+                 if not any(n.lower().endswith(IMAGE_EXTENSIONS) and _decodes(d) for n, d in files))
+    tmp = shard.with_suffix(".tar.tmp")
+    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as out:
+        for key in sorted(set(samples) - set(bad)):
+            for name, data in sorted(samples[key]):
+                info = tarfile.TarInfo(name)
+                info.size, info.mode = len(data), 0o444
+                out.addfile(info, io.BytesIO(data))
+    os.replace(tmp, shard)
     return bad
 
 
-def _drop_samples(shard: Path, keys: set[str]) -> None:
-    tmp = shard.with_suffix(".tar.tmp")
-    with tarfile.open(shard) as src, tarfile.open(tmp, "w") as dst:
-        for member in src:
-            if member.name.split(".", 1)[0] not in keys:
-                dst.addfile(member, src.extractfile(member))
-    os.replace(tmp, shard)
-
-
-def verify_shards(shards: list[Path], processes: int) -> dict[str, list[str]]:
-    """Decode every image once more; remove failures from their shards. Returns {shard name: removed keys}."""
+def normalize_shards(shards: list[Path], processes: int) -> dict[str, list[str]]:
+    """`normalize_shard` over all shards in parallel; returns {shard name: dropped keys} for shards that lost any."""
     with ProcessPoolExecutor(max_workers=max(1, processes)) as pool:
-        bad = dict(zip([s.name for s in shards], pool.map(_bad_samples, shards), strict=True))
-    for shard in shards:
-        if bad[shard.name]:
-            log.warning("%s: %d samples do not decode; removed: %s", shard, len(bad[shard.name]), bad[shard.name])
-            _drop_samples(shard, set(bad[shard.name]))
+        bad = dict(zip([s.name for s in shards], pool.map(normalize_shard, shards), strict=True))
+    for name, keys in bad.items():
+        if keys:
+            log.warning("%s: %d samples do not decode; removed: %s", name, len(keys), keys)
     return {name: keys for name, keys in bad.items() if keys}
 
 
-def tally(shard_dir: Path, removed: dict[str, list[str]]) -> dict:
-    """Per-URL outcomes from img2dataset's parquet manifests: what was stored, what was lost and why."""
+def url_outcomes(shard_dir: Path) -> pd.DataFrame:
+    """One row per URL of the caption list, in key order: key, url, img2dataset status, error message."""
     table = pd.concat([pd.read_parquet(p, columns=["key", "url", "status", "error_message"])
                        for p in sorted(shard_dir.glob("*.parquet"))], ignore_index=True)
+    table["error_message"] = table["error_message"].fillna("").str.strip()
+    return table.sort_values("key", ignore_index=True)
+
+
+def tally(table: pd.DataFrame, removed: dict[str, list[str]]) -> dict:
+    """What was stored, what was lost and why."""
     status = Counter(table["status"])
-    errors = Counter(table.loc[table["status"] != "success", "error_message"].fillna("unknown").str.strip())
+    errors = Counter(table.loc[table["status"] != "success", "error_message"].replace("", "unknown"))
     removed_count = sum(len(keys) for keys in removed.values())
     return {
         "urls": len(table),
@@ -116,15 +133,16 @@ def build_shards(cfg: dict, source_dir: Path, staging: Path, out: Path) -> dict:
 
     shard_dir = staging / "shards"
     shards = sorted(shard_dir.glob("*.tar"))
-    removed = verify_shards(shards, data["processes"]) if data["verify"] else {}
-    stats = tally(shard_dir, removed)
+    removed = normalize_shards(shards, data["processes"])
+    outcomes = url_outcomes(shard_dir)
+    stats = tally(outcomes, removed)
     if stats["stored"] == 0:
         raise RuntimeError(f"no image of {tsv} could be downloaded; see {shard_dir}/*.parquet for the errors")
 
     (out / "shards").mkdir()
-    for path in sorted(shard_dir.iterdir()):
-        if path.suffix in (".tar", ".parquet") or path.name.endswith("_stats.json"):
-            os.replace(path, out / "shards" / path.name)
+    for shard in shards:
+        os.replace(shard, out / "shards" / shard.name)
+    outcomes.to_csv(out / "downloads.tsv", sep="\t", index=False)
     write_json(out / "shards.json", shard_index(sorted((out / "shards").glob("*.tar")), f"{cfg['study']}-train"))
     write_json(out / "stats.json", stats)
     shutil.rmtree(staging)
