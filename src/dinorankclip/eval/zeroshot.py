@@ -15,10 +15,10 @@ from sklearn.metrics import balanced_accuracy_score
 
 
 def topk_accuracy(logits: torch.Tensor, target: torch.Tensor, topk: tuple[int, ...]) -> list[float]:
-    """Fraction of rows whose target is among the k largest logits, for each k (clip-benchmark's definition)."""
+    """Fraction of rows whose target is among the k largest logits, for each k: hits / rows, as clip-benchmark."""
     pred = logits.topk(max(topk), dim=1).indices
     hit = pred == target.view(-1, 1)
-    return [hit[:, :k].any(dim=1).float().mean().item() for k in topk]
+    return [hit[:, :k].any(dim=1).sum().item() / len(target) for k in topk]
 
 
 def classification_metrics(model, dataloader, tokenizer, classnames, templates, device: str, amp: bool) -> dict:
