@@ -1,0 +1,91 @@
+"""params.yaml validation (errors name the key) and the three-layer resolution of a job's configuration."""
+
+import json
+
+import pytest
+
+from dinorankclip.config import (
+    PARAMS_ENV,
+    ParamsError,
+    deep_merge,
+    load_params,
+    resolve,
+    run_names,
+    suite_names,
+    validate_params,
+)
+
+
+def test_repository_params_are_valid(params):
+    validate_params(params)
+    assert "clip" in run_names(params)
+    assert suite_names(params, "demo")[:2] == ["demo-colour", "demo-shape"]
+    assert "vtab-cifar10" in suite_names(params, "paper")
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda p: p["studies"]["demo"]["pretrain"].update(lr=-1), "studies.demo.pretrain.lr: -1 is less than"),
+    (lambda p: p["studies"]["demo"]["pretrain"].update(lrr=1), "studies.demo.pretrain.lrr: unknown key"),
+    (lambda p: p["studies"]["paper"]["teacher"].pop("blocks"), "studies.paper.teacher.blocks: required key"),
+    (lambda p: p.update(study="nope"), "study: 'nope' is not one of studies"),
+    (lambda p: p["runs"].update({"Bad_Name": {}}), "runs: 'Bad_Name' does not match"),
+    (lambda p: p["runs"].update(x={"loss": {"name": "nonsense"}}), "runs.x.loss.name: 'nonsense' is not one of"),
+    (lambda p: p["studies"]["demo"]["source"].pop("world"), "studies.demo.source.world: required key"),
+    (lambda p: p["studies"]["demo"]["evaluate"]["suites"][5].pop("recall_k"),
+     "studies.demo.evaluate.suites.5.recall_k: required key"),
+    (lambda p: p["studies"]["demo"]["evaluate"]["suites"].append(
+        {"dataset": "wds/demo-shape", "task": "zeroshot_classification"}), "benchmarks listed twice: demo-shape"),
+])
+def test_bad_value_fails_naming_the_key(params, mutate, message):
+    mutate(params)
+    with pytest.raises(ParamsError) as err:
+        validate_params(params, "params.yaml")
+    assert message in str(err.value)
+
+
+def test_every_error_is_reported_at_once(params):
+    params["seed"] = -1
+    params["studies"]["demo"]["data"]["threads"] = 0
+    with pytest.raises(ParamsError) as err:
+        validate_params(params)
+    assert "seed:" in str(err.value) and "studies.demo.data.threads:" in str(err.value)
+
+
+def test_resolution_layers_defaults_study_and_run(params):
+    params["runs"]["fast"] = {"pretrain": {"epochs": 1}, "loss": {"name": "clip"}}
+    cfg = resolve(params, "demo", "fast")
+    assert cfg["pretrain"]["epochs"] == 1
+    assert cfg["pretrain"]["lr"] == params["studies"]["demo"]["pretrain"]["lr"]  # untouched keys survive
+    assert cfg["model"] == params["studies"]["demo"]["model"]
+    assert (cfg["study"], cfg["run"], cfg["seed"]) == ("demo", "fast", params["seed"])
+    assert resolve(params, "paper")["model"]["arch"] == "ViT-B-16"
+    with pytest.raises(ParamsError, match="runs.nope: no such run"):
+        resolve(params, "demo", "nope")
+
+
+def test_deep_merge_does_not_alias_its_inputs():
+    base = {"a": {"b": [1, 2]}, "c": 1}
+    merged = deep_merge(base, {"a": {"d": 3}})
+    merged["a"]["b"].append(9)
+    assert merged == {"a": {"b": [1, 2, 9], "d": 3}, "c": 1} and base == {"a": {"b": [1, 2]}, "c": 1}
+
+
+def test_workflow_config_reaches_jobs_through_the_environment(params, monkeypatch, tmp_path):
+    params["studies"]["demo"]["pretrain"]["epochs"] = 2
+    monkeypatch.setenv(PARAMS_ENV, json.dumps(params))
+    assert load_params()["studies"]["demo"]["pretrain"]["epochs"] == 2
+    monkeypatch.delenv(PARAMS_ENV)
+    with pytest.raises(ParamsError, match="not found"):
+        load_params(tmp_path / "missing.yaml")
+
+
+def test_cli_rejects_bad_params_with_exit_code_2(params, tmp_path, capsys):
+    import yaml
+
+    from dinorankclip.cli import main
+
+    params["studies"]["demo"]["data"]["timeout"] = "soon"
+    bad = tmp_path / "params.yaml"
+    bad.write_text(yaml.safe_dump(params))
+    assert main(["--params", str(bad), "check"]) == 2
+    assert "studies.demo.data.timeout: 'soon' is not of type 'number'" in capsys.readouterr().err

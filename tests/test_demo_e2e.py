@@ -1,0 +1,132 @@
+"""`make demo` on a fresh clone, end to end with the real tools, and every promise the README makes about it.
+
+Runs in file order: the first test builds the demo, the last one rebuilds it from scratch to check that the
+evaluation JSONs are byte-identical.
+"""
+
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import tarfile
+
+import pandas as pd
+import pytest
+from helpers import REPO, snapshot_repo
+
+pytestmark = pytest.mark.e2e
+DEMO_TIMEOUT = 1800
+
+
+def make_env() -> dict:
+    """The caller's environment without the outer venv, but with the uv the outer `make` used."""
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "DINORANKCLIP_PARAMS_JSON")}
+    uv = shutil.which("uv") or str(REPO / ".tools" / "bin" / "uv")
+    venv_bin = str(REPO / ".venv" / "bin")
+    env["PATH"] = os.pathsep.join([os.path.dirname(uv)] + [p for p in env["PATH"].split(os.pathsep) if p != venv_bin])
+    return env
+
+
+def sh(cmd: list[str], cwd, timeout=600, activate=False) -> subprocess.CompletedProcess:
+    """Run `cmd` in the clone; `activate` puts the clone's .venv/bin first on PATH, as `source .venv/bin/activate`."""
+    env = make_env()
+    if activate:
+        env["PATH"] = f"{cwd / '.venv' / 'bin'}{os.pathsep}{env['PATH']}"
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{cmd} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    clone = snapshot_repo(tmp_path_factory.mktemp("demo"))
+    result = sh(["make", "demo"], clone, timeout=DEMO_TIMEOUT)
+    return clone, result.stdout
+
+
+def evaluations(clone) -> dict[str, dict]:
+    return {p.stem: json.loads(p.read_text()) for p in sorted((clone / "results/demo/evaluate/clip").glob("*.json"))}
+
+
+def test_make_demo_prints_the_table_and_where_the_results_are(demo):
+    clone, stdout = demo
+    assert "| clip |" in stdout
+    assert "table:   results/demo/report/main.md" in stdout and "figure:  results/demo/report/main.png" in stdout
+    assert (clone / "results/demo/report/main.png").stat().st_size > 10_000
+
+
+def test_clip_beats_twice_chance_on_colour_and_shape(demo):
+    results = evaluations(demo[0])
+    for bench in ("demo-colour", "demo-shape"):
+        chance = 1 / len(results[bench]["classnames"])
+        assert results[bench]["metrics"]["acc1"] >= 2 * chance, (bench, results[bench]["metrics"])
+
+
+def test_table_numbers_equal_the_evaluation_jsons(demo):
+    clone, _ = demo
+    table = pd.read_csv(clone / "results/demo/report/main.csv", index_col="run", float_precision="round_trip")
+    results = evaluations(clone)
+    for column in table.columns:
+        bench, label = column.split(" ", 1)
+        key = {"top-1": "acc1", "T→I R@1": "image_retrieval_recall@1", "I→T R@1": "text_retrieval_recall@1"}[label]
+        assert table.loc["clip", column] == results[bench]["metrics"][key], column
+    assert set(results) == {c.split(" ")[0] for c in table.columns}
+
+
+def test_download_stats_count_the_planted_faults_and_no_bad_sample_is_stored(demo):
+    clone, _ = demo
+    planted = json.loads((clone / "results/demo/source/planted.json").read_text())
+    stats = json.loads((clone / "results/demo/data/stats.json").read_text())
+    assert (stats["dead_links"], stats["corrupt"], stats["stored"]) == (
+        planted["dead_links"], planted["corrupt_files"], planted["train_images"])
+    assert json.loads((clone / "results/demo/source/source_stats.json").read_text())["malformed"] == \
+        planted["malformed_rows"]
+    urls = []
+    for shard in sorted((clone / "results/demo/data/shards").glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            urls += [json.load(tar.extractfile(m))["url"] for m in tar if m.name.endswith(".json")]
+    assert len(urls) == planted["train_images"] and all("/train/" in u for u in urls)
+
+
+def test_mlflow_store_holds_every_job_with_its_metrics(demo):
+    clone, _ = demo
+    db = sqlite3.connect(clone / "results/demo/mlflow.db")
+    runs = dict(db.execute("select name, status from runs"))
+    assert runs == {name: "FINISHED" for name in
+                    ["source", "data", "teacher", "pretrain/clip", "evaluate/clip", "report"]}
+    steps = db.execute("select count(distinct m.step) from metrics m join runs r on m.run_uuid = r.run_uuid "
+                       "where r.name = 'pretrain/clip' and m.key = 'loss'").fetchone()[0]
+    assert steps >= 10
+
+
+def test_second_make_demo_does_no_work_and_dvc_sees_everything_up_to_date(demo):
+    clone, _ = demo
+    result = sh(["make", "demo"], clone)
+    log = result.stdout + result.stderr  # snakemake reports on stderr
+    assert "Nothing to be done" in log and "Finished jobid" not in log
+    assert "Data and pipelines are up to date." in sh(["dvc", "status"], clone, activate=True).stdout
+
+
+def test_dvc_repro_rebuilds_a_stage_identically(demo):
+    clone, _ = demo
+    report = clone / "results/demo/report"
+    before = (report / "main.csv").read_bytes()
+    shutil.rmtree(report)
+    # unchanged inputs: DVC restores the deleted output from its cache (recorded by `dvc commit`)
+    assert "Stage 'report' is cached" in sh(["dvc", "repro", "report"], clone, activate=True).stdout
+    assert (report / "main.csv").read_bytes() == before
+    # forced: it runs the stage's command, and only that stage
+    stdout = sh(["dvc", "repro", "--force", "--single-item", "report"], clone, activate=True).stdout
+    assert stdout.count("Running stage") == 1 and "Running stage 'report'" in stdout
+    assert (report / "main.csv").read_bytes() == before
+
+
+def test_demo_from_scratch_again_gives_byte_identical_evaluations(demo):
+    clone, _ = demo
+    first = {p.name: p.read_bytes() for p in (clone / "results/demo/evaluate/clip").glob("*.json")}
+    shutil.rmtree(clone / "results")
+    shutil.rmtree(clone / ".snakemake")
+    sh(["make", "demo"], clone, timeout=DEMO_TIMEOUT)
+    second = {p.name: p.read_bytes() for p in (clone / "results/demo/evaluate/clip").glob("*.json")}
+    assert second == first

@@ -1,0 +1,60 @@
+"""Report tables: exact cells, ordering, chance row and bold marks from evaluation JSONs with known numbers."""
+
+import json
+import math
+
+import pandas as pd
+import pytest
+
+from dinorankclip.report.build import build_report
+from dinorankclip.report.tables import load_results, main_table, to_markdown
+
+
+def write_results(root, values):
+    for run, (colour, r_t2i, r_i2t) in values.items():
+        (root / run).mkdir(parents=True)
+        (root / run / "demo-colour.json").write_text(json.dumps({
+            "dataset": "wds/demo-colour", "task": "zeroshot_classification", "classnames": list("abcdef"),
+            "metrics": {"acc1": colour, "acc5": 1.0, "mean_per_class_recall": colour}}))
+        (root / run / "demo-retrieval.json").write_text(json.dumps({
+            "dataset": "wds/demo-retrieval", "task": "zeroshot_retrieval",
+            "metrics": {"image_retrieval_recall@1": r_t2i, "text_retrieval_recall@1": r_i2t,
+                        "image_retrieval_recall@5": 0.9, "text_retrieval_recall@5": 0.9}}))
+
+
+@pytest.fixture
+def evaluated(tmp_path):
+    write_results(tmp_path, {"clip": (0.5, 0.25, 0.125), "rankclip": (0.75, 0.0625, 0.5)})
+    return tmp_path
+
+
+def test_main_table_holds_the_json_values_exactly(evaluated):
+    table = main_table(load_results(evaluated, ["rankclip", "clip"], ["demo-colour", "demo-retrieval"]))
+    assert list(table.index) == ["rankclip", "clip", "chance"]  # run order as given, chance last
+    assert list(table.columns) == ["demo-colour top-1", "demo-retrieval T→I R@1", "demo-retrieval I→T R@1"]
+    assert table.loc["clip"].tolist() == [0.5, 0.25, 0.125]
+    assert table.loc["rankclip"].tolist() == [0.75, 0.0625, 0.5]
+    assert table.loc["chance", "demo-colour top-1"] == 1 / 6
+    assert math.isnan(table.loc["chance", "demo-retrieval I→T R@1"])
+
+
+def test_markdown_marks_the_best_run_per_column(evaluated):
+    table = main_table(load_results(evaluated, ["clip", "rankclip"], ["demo-colour", "demo-retrieval"]))
+    lines = to_markdown(table).splitlines()
+    assert lines[2] == "| clip | 50.0 | **25.0** | 12.5 |"
+    assert lines[3] == "| rankclip | **75.0** | 6.2 | **50.0** |"
+    assert lines[4] == "| chance | 16.7 | – | – |"
+
+
+def test_report_stage_writes_csv_markdown_and_figures(evaluated, tmp_path):
+    out = tmp_path / "report"
+    out.mkdir()
+    build_report("demo", evaluated, ["clip", "rankclip"], ["demo-colour", "demo-retrieval"], out)
+    assert {p.name for p in out.iterdir()} == {"main.csv", "main.md", "main.png", "main.pdf"}
+    csv = pd.read_csv(out / "main.csv", index_col="run", float_precision="round_trip")
+    assert csv.loc["rankclip", "demo-retrieval T→I R@1"] == 0.0625 and csv.loc["clip", "demo-colour top-1"] == 0.5
+
+
+def test_missing_result_names_the_file(evaluated):
+    with pytest.raises(FileNotFoundError, match="rankclip/demo-shape.json"):
+        load_results(evaluated, ["rankclip"], ["demo-shape"])

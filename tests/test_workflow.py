@@ -1,0 +1,114 @@
+"""The workflow definitions: lint-clean, a paper-scale dry run from a fresh clone, DVC and Snakemake in step."""
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from helpers import REPO, snapshot_repo, venv_env
+
+CODE_DEP = "src/dinorankclip"  # a DVC-only dependency: dvc.lock records which code made each artifact
+
+
+def run(cmd, cwd, timeout=300):
+    return subprocess.run(cmd, cwd=cwd, env=venv_env(), capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def fresh_clone(tmp_path_factory) -> Path:
+    return snapshot_repo(tmp_path_factory.mktemp("clone"))
+
+
+def test_snakemake_lint_reports_nothing():
+    result = run(["snakemake", "--lint"], REPO)
+    assert "Lints for" not in result.stdout + result.stderr, result.stdout
+    assert "Congratulations, your workflow is in a good condition!" in result.stdout + result.stderr
+
+
+def job_counts(dry_run_output: str) -> dict[str, int]:
+    lines = dry_run_output.split("Job stats:")[1].splitlines()
+    counts = {}
+    for line in lines[3:]:
+        parts = line.split()
+        if len(parts) != 2 or not parts[1].isdigit():
+            break
+        counts[parts[0]] = int(parts[1])
+    return counts
+
+
+def test_paper_dry_run_on_a_fresh_clone_lists_every_job(fresh_clone, params):
+    result = run(["snakemake", "-n", "--profile", "slurm", "all", "--config", "study=paper"], fresh_clone)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = len(params["runs"])
+    assert job_counts(result.stdout) == {"all": 1, "data": 1, "evaluate": runs, "pretrain": runs, "report": 1,
+                                         "source": 1, "teacher": 1, "total": 5 + 2 * runs}
+    assert "results/paper/pretrain/clip" in result.stdout and "MissingInput" not in result.stdout + result.stderr
+
+
+def snakemake_jobs(cwd: Path) -> dict[str, set[str]]:
+    """{output path: input paths} of every job in the demo DAG, from a forced dry run's job listing."""
+    result = run(["snakemake", "-n", "--forceall"], cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs, fields = {}, {}
+    for line in result.stdout.splitlines() + ["rule end:"]:
+        if line.startswith(("rule ", "localrule ")):
+            if fields.get("output"):
+                jobs[fields["output"]] = set(filter(None, fields.get("input", "").split(", ")))
+            fields = {}
+        elif line.startswith(("    input: ", "    output: ")):
+            key, _, value = line.strip().partition(": ")
+            fields[key] = value
+    return jobs
+
+
+def dvc_stages(cwd: Path) -> dict[str, set[str]]:
+    """{output path: file dependencies} of every stage in dvc.yaml, resolved for the study in params.yaml."""
+    from dvc.dependency.param import ParamsDependency
+    from dvc.repo import Repo
+
+    with Repo(str(cwd)) as repo:
+        return {str(out.def_path): {str(dep.def_path) for dep in stage.deps if not isinstance(dep, ParamsDependency)}
+                for stage in repo.index.stages for out in stage.outs}
+
+
+def covered(path: str, by: str) -> bool:
+    return path == by or path.startswith(by.rstrip("/") + "/")
+
+
+def test_dvc_and_snakemake_agree_on_every_stage(fresh_clone):
+    snake, dvc = snakemake_jobs(fresh_clone), dvc_stages(fresh_clone)
+    assert set(snake) == set(dvc), "stages with different outputs"
+    for output, inputs in snake.items():
+        deps = dvc[output] - {CODE_DEP}
+        assert CODE_DEP in dvc[output], f"{output}: the DVC stage must depend on the package source"
+        for path in inputs:
+            assert any(covered(path, dep) for dep in deps), f"{output}: Snakemake input {path} missing in dvc.yaml"
+        for dep in deps:
+            assert any(covered(path, dep) for path in inputs), f"{output}: dvc.yaml dependency {dep} not in Snakefile"
+
+
+def test_drift_is_detected(fresh_clone, tmp_path):
+    """The comparison above can fail: drop a dependency from dvc.yaml and it must."""
+    clone = tmp_path / "drift"
+    shutil.copytree(fresh_clone, clone)
+    text = (clone / "dvc.yaml").read_text()
+    source_then_model = "- results/${study}/source\n        - results/${study}/pretrain"
+    dropped = text.replace(source_then_model, "- results/${study}/pretrain")
+    assert dropped != text
+    (clone / "dvc.yaml").write_text(dropped)
+    snake, dvc = snakemake_jobs(clone), dvc_stages(clone)
+    evaluate = next(o for o in snake if "/evaluate/" in o)
+    assert not any(covered(path, dep) for path in snake[evaluate] if "source" in path for dep in dvc[evaluate])
+
+
+def test_conda_env_pins_what_the_lock_pins(tmp_path):
+    uv = shutil.which("uv") or str(REPO / ".tools" / "bin" / "uv")
+    regenerated = tmp_path / "envs"
+    shutil.copytree(REPO / "envs", regenerated)
+    shutil.copy(REPO / "uv.lock", tmp_path)
+    shutil.copy(REPO / "pyproject.toml", tmp_path)
+    (tmp_path / "README.md").write_text("")
+    result = subprocess.run(["bash", str(regenerated / "export-from-lock.sh")], env={**venv_env(), "UV": uv},
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert (regenerated / "dinorankclip.yaml").read_text() == (REPO / "envs" / "dinorankclip.yaml").read_text()
