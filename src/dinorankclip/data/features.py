@@ -14,7 +14,6 @@ import tarfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
