@@ -1,8 +1,9 @@
 """Load, validate and resolve `params.yaml`: the single source of truth for every stage.
 
 A job's configuration is resolved in three layers, DINOv3-style: the shared method defaults (`seed`, `loss`),
-the selected study's block (`studies.<study>`: data, model and schedule at demo or paper scale), and, for
-per-run stages, the run's entry in the registry (`runs.<run>`), which overrides any of those keys.
+the selected study's block (`studies.<study>`: data, model and schedule at demo or paper scale, plus an optional
+partial `loss` for scale-dependent loss sizes), and, for per-run stages, the run's entry in the registry
+(`runs.<run>`), which overrides any of those keys.
 """
 
 from __future__ import annotations
@@ -106,7 +107,8 @@ def resolve(params: Mapping[str, Any], study: str | None = None, run: str | None
     study = study or params["study"]
     if study not in params["studies"]:
         raise ParamsError(f"study: '{study}' is not one of studies ({', '.join(params['studies'])})")
-    config = {"study": study, "seed": params["seed"], "loss": params["loss"], **params["studies"][study]}
+    block = params["studies"][study]
+    config = {"study": study, "seed": params["seed"], **block, "loss": deep_merge(params["loss"], block.get("loss", {}))}
     if run is not None:
         if run not in params["runs"]:
             raise ParamsError(f"runs.{run}: no such run in the registry (known: {', '.join(params['runs'])})")

@@ -1,26 +1,49 @@
-"""The training objective of a run, chosen by `loss.name`: a module so losses with parameters train with the model."""
+"""The training objective of a run, from its `loss` config: a module, so losses with parameters train with the model.
+
+`plackett_luce` is the whole family of METHOD.md §2 — order 0 is CLIP, order 1 RankCLIP, order R >= 2 adds the
+transition heads — with the rank weight following its schedule over training progress; `cyclip` is the CyCLIP
+baseline. Both return the total loss and its detached parts (tensors: converting them syncs the device, so the
+loop only does it on logging steps).
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from dinorankclip.losses import clip_loss
+from dinorankclip.losses import HighOrderRankLoss, cyclip_terms, rank_weight
 
 
-class ClipObjective(nn.Module):
-    """Order 0: symmetric InfoNCE."""
+class PlackettLuceObjective(nn.Module):
+    def __init__(self, loss: dict, embed_dim: int, seed: int):
+        super().__init__()
+        self.ranking = HighOrderRankLoss(loss["order"], embed_dim, loss["window"], loss["heads"], loss["head_dim"],
+                                         loss["lambda_cross"], loss["lambda_in"])
+        self.weight, self.seed = loss["rank_weight"], seed
 
-    def forward(self, image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, progress: float):
-        loss = clip_loss(image, text, scale)
-        return loss, {"loss/clip": loss.detach()}
+    def forward(self, image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, step: int, total_steps: int,
+                gather: bool = False) -> tuple[torch.Tensor, dict]:
+        w = rank_weight(self.weight["schedule"], step, total_steps, self.weight["w_max"], self.weight["p_ramp"])
+        terms = self.ranking.terms(image, text, scale, rank_weight=w, tie_seed=self.seed, step=step, gather=gather)
+        return terms.total, {**{f"loss/{k}": v for k, v in terms.parts.items()}, "rank_weight": w}
 
 
-OBJECTIVES = {"clip": ClipObjective}
+class CyclipObjective(nn.Module):
+    def __init__(self, loss: dict, embed_dim: int, seed: int):
+        super().__init__()
+        self.lambdas = loss["cyclip"]
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, step: int, total_steps: int,
+                gather: bool = False) -> tuple[torch.Tensor, dict]:
+        terms = cyclip_terms(image, text, scale, self.lambdas["lambda_in"], self.lambdas["lambda_cross"],
+                             gather=gather)
+        return terms.total, {f"loss/{k}": v for k, v in terms.parts.items()}
 
 
-def build_objective(loss_cfg: dict, embed_dim: int) -> nn.Module:
-    name = loss_cfg["name"]
-    if name not in OBJECTIVES:
-        raise ValueError(f"loss.name: unknown objective {name!r} (known: {', '.join(OBJECTIVES)})")
-    return OBJECTIVES[name]()
+OBJECTIVES = {"plackett_luce": PlackettLuceObjective, "cyclip": CyclipObjective}
+
+
+def build_objective(loss: dict, embed_dim: int, seed: int) -> nn.Module:
+    if loss["name"] not in OBJECTIVES:
+        raise ValueError(f"loss.name: unknown objective {loss['name']!r} (known: {', '.join(OBJECTIVES)})")
+    return OBJECTIVES[loss["name"]](loss, embed_dim, seed)

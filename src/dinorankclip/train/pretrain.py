@@ -38,7 +38,7 @@ def pretrain(cfg: dict, data_dir: Path, out: Path, tracker: Tracker) -> dict:
     device = setup_torch(cfg["seed"], opt["threads"])
     arch = cfg["model"]["arch"]
     model, transform = create_clip(arch)
-    objective = build_objective(cfg["loss"], model.text_projection.shape[1])
+    objective = build_objective(cfg["loss"], model.text_projection.shape[1], cfg["seed"])
     model.to(device).train()
     objective.to(device).train()
 
@@ -65,7 +65,7 @@ def pretrain(cfg: dict, data_dir: Path, out: Path, tracker: Tracker) -> dict:
             lr = set_lr(step)
             images, tokens = images.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
             image_features, text_features, scale = model(images, tokens)
-            loss, terms = objective(image_features, text_features, scale, step / total_steps)
+            loss, terms = objective(image_features, text_features, scale, step, total_steps)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
@@ -76,7 +76,7 @@ def pretrain(cfg: dict, data_dir: Path, out: Path, tracker: Tracker) -> dict:
             epoch_losses.append(loss.item())
             t_end = time.perf_counter()
             if step % opt["log_every"] == 0 or step == total_steps:
-                tracker.log_metrics({"loss": loss.item(), **{k: v.item() for k, v in terms.items()}, "lr": lr,
+                tracker.log_metrics({"loss": loss.item(), **{k: float(v) for k, v in terms.items()}, "lr": lr,
                                      "logit_scale": scale.item(), "grad_norm": grad_norm.item(), "epoch": epoch,
                                      "samples_per_s": opt["batch_size"] / (t_end - t_data),
                                      "data_wait_fraction": (t_step - t_data) / (t_end - t_data)}, step)
