@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from dinorankclip.report.build import build_report
-from dinorankclip.report.tables import load_results, main_table, to_markdown
+from dinorankclip.report.tables import load_results, main_table, order_sweep_table, to_markdown
 
 
 def write_results(root, values):
@@ -49,7 +49,7 @@ def test_markdown_marks_the_best_run_per_column(evaluated):
 def test_report_stage_writes_csv_markdown_and_figures(evaluated, tmp_path):
     out = tmp_path / "report"
     out.mkdir()
-    build_report("demo", evaluated, ["clip", "rankclip"], ["demo-colour", "demo-retrieval"], out)
+    build_report("demo", evaluated, ["clip", "rankclip"], ["demo-colour", "demo-retrieval"], {}, out)
     assert {p.name for p in out.iterdir()} == {"main.csv", "main.md", "main.png", "main.pdf"}
     csv = pd.read_csv(out / "main.csv", index_col="run", float_precision="round_trip")
     assert csv.loc["rankclip", "demo-retrieval T→I R@1"] == 0.0625 and csv.loc["clip", "demo-colour top-1"] == 0.5
@@ -58,3 +58,18 @@ def test_report_stage_writes_csv_markdown_and_figures(evaluated, tmp_path):
 def test_missing_result_names_the_file(evaluated):
     with pytest.raises(FileNotFoundError, match="rankclip/demo-shape.json"):
         load_results(evaluated, ["rankclip"], ["demo-shape"])
+
+
+def test_order_sweep_table_is_indexed_by_order_and_holds_the_json_values(evaluated, tmp_path):
+    results = load_results(evaluated, ["clip", "rankclip"], ["demo-colour", "demo-retrieval"])
+    sweep = order_sweep_table(results, {"rankclip": 1, "clip": 0})
+    assert list(sweep.index) == [0, 1] and list(sweep["run"]) == ["clip", "rankclip"]
+    assert sweep.loc[1, "demo-colour top-1"] == 0.75 and sweep.loc[0, "demo-retrieval I→T R@1"] == 0.125
+    assert to_markdown(sweep).splitlines()[2:] == ["| 0 | clip | 50.0 | **25.0** | 12.5 |",
+                                                   "| 1 | rankclip | **75.0** | 6.2 | **50.0** |"]
+    out = tmp_path / "report"
+    out.mkdir()
+    build_report("demo", evaluated, ["clip", "rankclip"], ["demo-colour", "demo-retrieval"], {"clip": 0, "rankclip": 1},
+                 out)
+    assert {"order_sweep.csv", "order_sweep.md", "order_sweep.png", "order_sweep.pdf"} <= {p.name for p in out.iterdir()}
+    assert pd.read_csv(out / "order_sweep.csv", index_col="R", float_precision="round_trip").loc[1, "run"] == "rankclip"

@@ -83,10 +83,20 @@ def cmd_report(cfg: dict, args, tracker) -> None:
 
     study = cfg["study"]
     with atomic_dir(stage_dir(study, "report")) as out:
-        build_report(study, stage_dir(study, "evaluate"), args.runs, args.benchmarks, out)
+        build_report(study, stage_dir(study, "evaluate"), args.runs, args.benchmarks, args.sweep_orders, out)
     for path in sorted(stage_dir(study, "report").iterdir()):
         tracker.log_artifact(path, "report")
     print(f"report: {stage_dir(study, 'report').resolve()}")
+
+
+def report_orders(params: dict, study: str, table: str) -> dict[str, int]:
+    """{run: Plackett-Luce order} of a report table's runs; empty (no table) unless all of them are in the study."""
+    runs = params["report"][table]
+    missing = [run for run in runs if run not in params["runs"]]
+    if missing:
+        log.info("report.%s: runs not in this study (%s); the table is skipped", table, ", ".join(missing))
+        return {}
+    return {run: resolve(params, study, run)["loss"]["order"] for run in runs}
 
 
 STAGES = {"source": cmd_source, "data": cmd_data, "teacher": cmd_teacher, "pretrain": cmd_pretrain,
@@ -123,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
               f"suites {', '.join(suite_names(params, cfg['study']))}")
         return 0
     args.runs, args.benchmarks = run_names(params), suite_names(params, cfg["study"])
+    args.sweep_orders = report_orders(params, cfg["study"], "order_sweep")
     from dinorankclip.tracking import job_run
 
     with job_run(cfg, study_dir(cfg["study"]), args.command) as tracker:

@@ -8,6 +8,7 @@ rule report:
         cli=CLI,
         settings=lambda w: settings("evaluate"),
         runs=RUNS,
+        tables=config["report"],
     log:
         log_file("report"),
     benchmark:

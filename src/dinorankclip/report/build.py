@@ -1,22 +1,38 @@
-"""The `report` stage: every table and figure of the study, regenerated from the evaluation JSONs."""
+"""The `report` stage: every table and figure of the study, regenerated from the evaluation JSONs.
+
+A table whose runs are not all in the study is skipped (the CLI says so), so a reduced study still reports.
+"""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
-from dinorankclip.report.figures import comparison_bars
-from dinorankclip.report.tables import load_results, main_table, to_markdown
+import pandas as pd
+
+from dinorankclip.report.figures import comparison_bars, order_sweep_lines
+from dinorankclip.report.tables import load_results, main_table, order_sweep_table, to_markdown
 
 log = logging.getLogger(__name__)
 
 
-def build_report(study: str, evaluate_dir: Path, runs: list[str], benchmarks: list[str], out: Path) -> list[Path]:
+def write_table(table: pd.DataFrame, title: str, stem: Path) -> list[Path]:
+    table.to_csv(stem.with_suffix(".csv"))  # shortest repr that round-trips: the exact JSON values
+    stem.with_suffix(".md").write_text(f"# {title}\n\n" + to_markdown(table))
+    return [stem.with_suffix(".csv"), stem.with_suffix(".md")]
+
+
+def build_report(study: str, evaluate_dir: Path, runs: list[str], benchmarks: list[str], sweep_orders: dict[str, int],
+                 out: Path) -> list[Path]:
+    """Write every table and figure into `out`; `sweep_orders` maps the order-sweep runs to their order R
+    (empty: no sweep table)."""
     results = load_results(evaluate_dir, runs, benchmarks)
     table = main_table(results)
-    table.to_csv(out / "main.csv")  # shortest repr that round-trips: the exact JSON values
-    (out / "main.md").write_text(f"# {study}: zero-shot results (%)\n\n" + to_markdown(table))
-    figures = comparison_bars(table, f"{study}: zero-shot results", out / "main")
-    written = [out / "main.csv", out / "main.md", *figures]
+    written = write_table(table, f"{study}: zero-shot results (%)", out / "main")
+    written += comparison_bars(table, f"{study}: zero-shot results", out / "main")
+    if sweep_orders:
+        sweep = order_sweep_table(results, sweep_orders)
+        written += write_table(sweep, f"{study}: order sweep (%)", out / "order_sweep")
+        written += order_sweep_lines(sweep, f"{study}: order sweep", out / "order_sweep")
     log.info("report: %s", ", ".join(str(p) for p in written))
     return written

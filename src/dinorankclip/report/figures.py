@@ -38,3 +38,17 @@ def comparison_bars(table: pd.DataFrame, title: str, stem: Path) -> list[Path]:
     ax.set_title(title)
     ax.legend(fontsize=8, ncols=min(len(runs), 4))
     return save(fig, stem)
+
+
+def order_sweep_lines(sweep: pd.DataFrame, title: str, stem: Path) -> list[Path]:
+    """Metric (%) against the Plackett-Luce order R, one line per benchmark metric."""
+    fig, ax = plt.subplots(figsize=(6.0, 3.8))
+    orders = sweep.index.to_numpy()
+    for column in sweep.columns.drop("run"):
+        ax.plot(orders, 100 * sweep[column].to_numpy(dtype=float), marker="o", label=column)
+    ax.set_xticks(orders)
+    ax.set_xlabel("Plackett-Luce order R (0 = CLIP, 1 = RankCLIP)")
+    ax.set_ylabel("%")
+    ax.set_title(title)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    return save(fig, stem)

@@ -39,26 +39,44 @@ def chance(result: dict, key: str) -> float:
     return math.nan
 
 
-def main_table(results: dict[str, dict[str, dict]]) -> pd.DataFrame:
-    """One row per run plus a `chance` row; one column per headline metric; values are fractions in [0, 1]."""
+def headline_table(results: dict[str, dict[str, dict]]) -> pd.DataFrame:
+    """One row per run, one column per headline metric; values are fractions in [0, 1], exactly as in the JSONs."""
     cols = columns(results)
     rows = {run: [res[bench]["metrics"][key] for bench, key, _ in cols] for run, res in results.items()}
-    first = next(iter(results.values()))
-    rows["chance"] = [chance(first[bench], key) for bench, key, _ in cols]
     return pd.DataFrame.from_dict(rows, orient="index", columns=[label for *_, label in cols]).rename_axis("run")
 
 
+def main_table(results: dict[str, dict[str, dict]]) -> pd.DataFrame:
+    """The headline table of all runs plus a `chance` row."""
+    table = headline_table(results)
+    first = next(iter(results.values()))
+    table.loc["chance"] = [chance(first[bench], key) for bench, key, _ in columns(results)]
+    return table
+
+
+def order_sweep_table(results: dict[str, dict[str, dict]], orders: dict[str, int]) -> pd.DataFrame:
+    """The sweep runs' headline metrics indexed by their Plackett-Luce order R, with the run name as a column."""
+    table = headline_table({run: results[run] for run in sorted(orders, key=orders.get)})
+    table.insert(0, "run", table.index)
+    table.index = pd.Index([orders[run] for run in table["run"]], name="R")
+    return table
+
+
 def to_markdown(table: pd.DataFrame) -> str:
-    """Percentages with one decimal; the best run per column in bold (the chance row never counts)."""
-    runs = table.drop(index="chance")
-    best = runs.max(axis=0)
-    header = "| run | " + " | ".join(table.columns) + " |"
+    """Metrics as percentages with one decimal, the best per column in bold (a `chance` row never counts);
+    text columns (e.g. the run of a sweep row) are copied as they are."""
+    metrics = table.select_dtypes("number").drop(index="chance", errors="ignore")
+    best = metrics.max(axis=0)
+    header = f"| {table.index.name} | " + " | ".join(table.columns) + " |"
     lines = [header, "|" + "---|" * (len(table.columns) + 1)]
-    for run, row in table.iterrows():
+    for label, row in table.iterrows():
         cells = []
         for col, value in row.items():
+            if col not in metrics.columns:
+                cells.append(str(value))
+                continue
             text = "–" if math.isnan(value) else f"{100 * value:.1f}"
-            bold = run != "chance" and len(runs) > 1 and not math.isnan(value) and value == best[col]
+            bold = label != "chance" and len(metrics) > 1 and not math.isnan(value) and value == best[col]
             cells.append(f"**{text}**" if bold else text)
-        lines.append(f"| {run} | " + " | ".join(cells) + " |")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
