@@ -1,7 +1,7 @@
 """`make demo` on a fresh clone, end to end with the real tools, and every promise the README makes about it.
 
-Runs in file order: the first test builds the demo, the last one rebuilds it from scratch to check that the
-evaluation JSONs are byte-identical.
+Runs in file order: the first test builds the demo, the last one rebuilds two runs of it from scratch (world,
+download, training, evaluation) to check that their evaluation JSONs are byte-identical.
 """
 
 import json
@@ -13,7 +13,7 @@ import tarfile
 
 import pandas as pd
 import pytest
-from helpers import REPO, snapshot_repo
+from helpers import REPO, repo_params, snapshot_repo
 
 pytestmark = pytest.mark.e2e
 DEMO_TIMEOUT = 1800
@@ -45,8 +45,8 @@ def demo(tmp_path_factory):
     return clone, result.stdout
 
 
-def evaluations(clone) -> dict[str, dict]:
-    return {p.stem: json.loads(p.read_text()) for p in sorted((clone / "results/demo/evaluate/clip").glob("*.json"))}
+def evaluations(clone, run="clip") -> dict[str, dict]:
+    return {p.stem: json.loads(p.read_text()) for p in sorted((clone / "results/demo/evaluate" / run).glob("*.json"))}
 
 
 def test_make_demo_prints_the_table_and_where_the_results_are(demo):
@@ -93,11 +93,21 @@ def test_mlflow_store_holds_every_job_with_its_metrics(demo):
     clone, _ = demo
     db = sqlite3.connect(clone / "results/demo/mlflow.db")
     runs = dict(db.execute("select name, status from runs"))
-    assert runs == {name: "FINISHED" for name in
-                    ["source", "data", "teacher", "pretrain/clip", "evaluate/clip", "report"]}
+    registry = list(repo_params()["runs"])
+    jobs = ["source", "data", "teacher", "report"] + [f"{s}/{r}" for s in ("pretrain", "evaluate") for r in registry]
+    assert runs == dict.fromkeys(jobs, "FINISHED")
     steps = db.execute("select count(distinct m.step) from metrics m join runs r on m.run_uuid = r.run_uuid "
                        "where r.name = 'pretrain/clip' and m.key = 'loss'").fetchone()[0]
     assert steps >= 10
+
+
+def test_order_sweep_table_covers_orders_zero_to_four_with_the_json_values(demo):
+    clone, _ = demo
+    sweep = pd.read_csv(clone / "results/demo/report/order_sweep.csv", index_col="R", float_precision="round_trip")
+    assert list(sweep.index) == [0, 1, 2, 3, 4] and list(sweep["run"]) == [f"drc-r{r}" for r in range(5)]
+    for r in range(5):
+        assert sweep.loc[r, "demo-shape top-1"] == evaluations(clone, f"drc-r{r}")["demo-shape"]["metrics"]["acc1"]
+    assert (clone / "results/demo/report/order_sweep.png").stat().st_size > 10_000
 
 
 def test_second_make_demo_does_no_work_and_dvc_sees_everything_up_to_date(demo):
@@ -124,9 +134,13 @@ def test_dvc_repro_rebuilds_a_stage_identically(demo):
 
 def test_demo_from_scratch_again_gives_byte_identical_evaluations(demo):
     clone, _ = demo
-    first = {p.name: p.read_bytes() for p in (clone / "results/demo/evaluate/clip").glob("*.json")}
+    runs = ["clip", "drc-r3"]  # a baseline and a high-order run; every run is trained the same way
+
+    def snapshot():
+        return {(r, p.name): p.read_bytes() for r in runs for p in (clone / "results/demo/evaluate" / r).glob("*.json")}
+
+    first = snapshot()
     shutil.rmtree(clone / "results")
     shutil.rmtree(clone / ".snakemake")
-    sh(["make", "demo"], clone, timeout=DEMO_TIMEOUT)
-    second = {p.name: p.read_bytes() for p in (clone / "results/demo/evaluate/clip").glob("*.json")}
-    assert second == first
+    sh(["snakemake"] + [f"results/demo/evaluate/{r}" for r in runs], clone, timeout=DEMO_TIMEOUT, activate=True)
+    assert snapshot() == first and len(first) == 2 * 6
