@@ -58,3 +58,29 @@ def venv_env() -> dict:
     env["PATH"] = f"{REPO / '.venv' / 'bin'}{os.pathsep}{env['PATH']}"
     env.pop("DINORANKCLIP_PARAMS_JSON", None)
     return env
+
+
+def make_image_shards(data_dir, counts):
+    """Shards of demo scenes under data_dir/shards with a wids index, like the data stage writes."""
+    import io
+    import random
+
+    import webdataset as wds
+    from PIL import Image
+
+    from dinorankclip.data import world
+    from dinorankclip.data.demo_world import jpeg_bytes
+    from dinorankclip.io import write_json
+
+    rng = random.Random(0)
+    (data_dir / "shards").mkdir(parents=True)
+    entries, images = [], {}
+    for s, n in enumerate(counts):
+        with wds.TarWriter(str(data_dir / "shards" / f"{s:05d}.tar"), mtime=0) as sink:
+            for i in range(n):
+                key, jpeg = f"{s:05d}{i:04d}", jpeg_bytes(world.render(world.sample_scene(rng), 64))
+                images[key] = Image.open(io.BytesIO(jpeg)).convert("RGB")  # what the stage decodes
+                sink.write({"__key__": key, "jpg": jpeg, "txt": "a caption"})
+        entries.append({"url": f"shards/{s:05d}.tar", "nsamples": n})
+    write_json(data_dir / "shards.json", {"__kind__": "wids-shard-index-v1", "wids_version": 1, "shardlist": entries})
+    return images

@@ -1,45 +1,80 @@
-"""The frozen DINOv3 teacher from timm: built from a model name, weights from a local file (offline first).
+"""The frozen DINOv3 teacher from timm, and the `teacher_weights` stage that decides where its weights come from.
 
-`teacher.init` says where weights come from: `file` (a safetensors or torch state dict at `teacher.weights`),
-`hub` (timm's pretrained download, only when asked and online) or `random` (the demo's stand-in until a trained
-demo teacher exists). A missing weights file is one error that names the file and how to get it.
+`teacher.weights.from` is `file` (a local safetensors or torch state dict — offline first; the paper study),
+`hub` (timm's own download, only when asked and online) or `train` (the demo's stand-in, trained on the demo world
+by `dinorankclip.models.demo_teacher`). Whatever the source, the stage writes the weights to
+`results/<study>/teacher_weights/model.safetensors`, which every later use of the teacher loads. A missing file
+is one error that names the file and how to get it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 
 import timm
 import torch
+from safetensors.torch import save_file
 from torch import nn
 from torchvision import transforms
 
 log = logging.getLogger(__name__)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+WEIGHTS_FILE = "model.safetensors"
 
 
-def load_teacher(teacher: dict, device: torch.device) -> nn.Module:
-    """A frozen timm model in eval mode with requires_grad off."""
-    name, init = teacher["model"], teacher["init"]
-    kwargs = dict(teacher.get("model_kwargs") or {})
-    if init == "file":
-        weights = Path(teacher["weights"] or "")
-        if not teacher["weights"] or not weights.is_file():
+def create_teacher(teacher: dict, weights: Path | None = None, hub: bool = False) -> nn.Module:
+    """The timm model named by `teacher.model`: from a weights file, from the hub, or randomly initialised."""
+    kwargs = dict(teacher["model_kwargs"])
+    if weights is not None:
+        kwargs["pretrained_cfg_overlay"] = {"file": str(weights)}
+    return timm.create_model(teacher["model"], pretrained=weights is not None or hub, num_classes=0, **kwargs)
+
+
+def frozen(model: nn.Module, device: torch.device) -> nn.Module:
+    return model.eval().requires_grad_(False).to(device)
+
+
+def load_teacher(teacher: dict, weights: Path, device: torch.device) -> nn.Module:
+    """The frozen teacher (eval mode, no grad) with the weights the teacher_weights stage provided."""
+    return frozen(create_teacher(teacher, weights), device)
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def build_teacher_weights(cfg: dict, source_dir: Path, data_dir: Path, out: Path) -> dict:
+    """Provide the teacher's weights in `out` (a fresh directory); return what was done, for the record."""
+    teacher, origin = cfg["teacher"], cfg["teacher"]["weights"]["from"]
+    torch.manual_seed(cfg["seed"])
+    torch.set_num_threads(teacher["threads"])
+    if origin == "file":
+        path = Path(teacher["weights"].get("path") or "")
+        if not path.is_file():
             raise FileNotFoundError(
-                f"teacher.weights: DINOv3 weights file {str(weights) or '(unset)'!r} not found. Download "
-                f"{name} once on a machine with network (e.g. the model.safetensors of the Hugging Face repo "
-                f"'timm/{name}', after accepting the DINOv3 licence) and put it at that path, or set "
-                f"teacher.weights to where it is.")
-        model = timm.create_model(name, pretrained=True, num_classes=0,
-                                  pretrained_cfg_overlay={"file": str(weights)}, **kwargs)
-    elif init == "hub":
-        model = timm.create_model(name, pretrained=True, num_classes=0, **kwargs)
+                f"teacher.weights.path: DINOv3 weights file {str(path)!r} not found. Download {teacher['model']} "
+                f"once on a machine with network (the model.safetensors of the Hugging Face repo "
+                f"'timm/{teacher['model']}', after accepting the DINOv3 licence) and put it at that path, or set "
+                f"teacher.weights.path to where it is.")
+        model, stats = create_teacher(teacher, path), {"from": "file", "file": str(path), "sha256": sha256(path)}
+    elif origin == "hub":
+        model, stats = create_teacher(teacher, hub=True), {"from": "hub"}
     else:
-        log.warning("teacher %s is randomly initialised (teacher.init: random)", name)
-        model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
-    model.eval().requires_grad_(False)
-    return model.to(device)
+        from dinorankclip.models.demo_teacher import train_demo_teacher
+
+        model = create_teacher(teacher)
+        image_size = teacher["model_kwargs"]["img_size"]
+        stats = {"from": "train", **train_demo_teacher(model, data_dir, source_dir / "scenes.jsonl", image_size,
+                                                        teacher["train"], cfg["seed"])}
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(out / WEIGHTS_FILE), metadata={"model": teacher["model"]})
+    return stats
 
 
 def teacher_transform(image_size: int) -> transforms.Compose:
@@ -58,3 +93,29 @@ def teacher_features(model: nn.Module, images: torch.Tensor, blocks: list[int], 
     final, maps = model.forward_intermediates(images, indices=blocks, output_fmt="NCHW")
     pooled = torch.stack([nn.functional.adaptive_avg_pool2d(m, grid) for m in maps], dim=1)
     return final[:, 0], pooled
+
+
+class OnlineTeacher(nn.Module):
+    """The frozen teacher run on each training batch (`injection.teacher: online`), instead of the cache.
+
+    The batch arrives normalised with the student's statistics; it is mapped back to pixels and renormalised with
+    ImageNet's, so the teacher sees what the cache stage would have shown it. No PCA: the distillation head
+    projects to the teacher's full width. Parameters stay frozen and out of the optimizer (requires_grad off).
+    """
+
+    def __init__(self, model: nn.Module, blocks: list[int], grid: int, student_mean, student_std) -> None:
+        super().__init__()
+        self.model, self.blocks, self.grid = model, list(blocks), grid
+        shift = torch.tensor(student_mean) - torch.tensor(IMAGENET_MEAN)
+        self.register_buffer("scale", (torch.tensor(student_std) / torch.tensor(IMAGENET_STD)).view(1, 3, 1, 1),
+                             persistent=False)
+        self.register_buffer("shift", (shift / torch.tensor(IMAGENET_STD)).view(1, 3, 1, 1), persistent=False)
+
+    def train(self, mode: bool = True) -> OnlineTeacher:
+        return super().train(False)  # frozen: always in eval mode
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=images.device.type == "cuda"):
+            _, maps = teacher_features(self.model, images * self.scale + self.shift, self.blocks, self.grid)
+        return maps.float()
