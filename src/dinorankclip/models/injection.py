@@ -1,0 +1,178 @@
+"""The dual-branch student's image side (METHOD.md §3): an open_clip image tower with DINOv3-distilled injection.
+
+`InjectedImageEncoder` wraps an open_clip image tower (`VisionTransformer` or `ModifiedResNet`, i.e. `model.visual`)
+and is a drop-in replacement for it:
+
+    model.visual = InjectedImageEncoder(model.visual, variant="v5")
+    model.encode_image(images, normalize=True)    # unchanged open_clip call; the embedding is z (after injection)
+    out = model.visual.features(images)           # InjectedFeatures(z, z_g, maps) for training and analysis
+
+`forward(x)` returns z only, so `CLIP.encode_image`, `CLIP.forward` and evaluation code keep working. `features(x)`
+returns, from one pass of the tower:
+
+- ``z_g``: the tower's own projected embedding [B, D], bit-identical to the un-wrapped `tower(x)`, not normalised;
+- ``z``: the injected embedding [B, D], not normalised (z = z_g for V1, and exactly at initialisation for all);
+- ``maps``: the branch-L maps, one [B, C, h_s, w_s] per tapped block in tap order (empty for V1); these are the
+  student maps for `dinorankclip.losses.distill`.
+
+Under DistributedDataParallel call `features` from inside the forward of the module DDP wraps (DDP only needs its
+own forward to run). Weight decay: exclude the names in `no_weight_decay()` (α, every bias and norm of the
+injection, the refiner's query token, plus the tower's own exclusions); all of them have ndim < 2 or are listed by
+the tower, so open_clip's usual "ndim < 2 or bias/norm/logit_scale" rule gives the same split.
+
+Fusion variants (the ablation of METHOD.md §3, `FUSION_VARIANTS`):
+V1 no injection (no branch L); V2 fused map → global average → linear residual z = z_g + δ; V3 = V2 + CBAM;
+V4 = V3 + self-attention refiner; V5 = V4 + conflict-aware gate (the full model); V6 = V4 + plain sigmoid gate.
+Ungated variants zero-initialise the projection P so that δ = 0 at start; gated ones zero only α.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from open_clip.modified_resnet import ModifiedResNet
+from open_clip.transformer import PatchDropout, VisionTransformer
+from torch import nn
+
+from dinorankclip.models.fusion import MultiScaleFusion
+from dinorankclip.models.gate import ConflictAwareGate, SigmoidGate
+from dinorankclip.models.local_branch import LocalBranch
+
+
+@dataclass(frozen=True)
+class FusionVariant:
+    """Which parts of the injection a fusion variant uses; `gate` is None for an ungated residual z = z_g + δ."""
+
+    inject: bool
+    cbam: bool = False
+    refiner: bool = False
+    gate: type[SigmoidGate] | None = None
+
+
+FUSION_VARIANTS: dict[str, FusionVariant] = {
+    "v1": FusionVariant(inject=False),
+    "v2": FusionVariant(inject=True),
+    "v3": FusionVariant(inject=True, cbam=True),
+    "v4": FusionVariant(inject=True, cbam=True, refiner=True),
+    "v5": FusionVariant(inject=True, cbam=True, refiner=True, gate=ConflictAwareGate),
+    "v6": FusionVariant(inject=True, cbam=True, refiner=True, gate=SigmoidGate),
+}
+
+
+class InjectedFeatures(NamedTuple):
+    """One pass of the injected encoder: z (injected), z_g (the tower's own), the branch-L maps (see module doc)."""
+
+    z: torch.Tensor
+    z_g: torch.Tensor
+    maps: list[torch.Tensor]
+
+
+def default_taps(depth: int, count: int = 3) -> list[int]:
+    """`count` evenly spaced 0-based block indices ending at the last block: 12 blocks → [3, 7, 11], 4 → [1, 2, 3]."""
+    step = max(depth // count, 1)
+    return sorted({depth - 1 - step * k for k in range(count) if depth - 1 - step * k >= 0})
+
+
+def _resnet_stages(tower: ModifiedResNet) -> list[nn.Module]:
+    return [tower.layer1, tower.layer2, tower.layer3, tower.layer4]
+
+
+def tap_widths(tower: nn.Module) -> list[int]:
+    """Channel width of every tappable block: a ViT's residual blocks, or a ModifiedResNet's four stages."""
+    if isinstance(tower, VisionTransformer):
+        return [tower.transformer.width] * len(tower.transformer.resblocks)
+    if isinstance(tower, ModifiedResNet):
+        return [stage[-1].bn3.num_features for stage in _resnet_stages(tower)]
+    raise TypeError(f"injection supports open_clip VisionTransformer and ModifiedResNet towers, not "
+                    f"{type(tower).__name__}")
+
+
+def forward_taps(tower: nn.Module, x: torch.Tensor, taps: Sequence[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(the tower's projected embedding, its NCHW maps at `taps`) from one pass, computed as `tower(x)` computes it.
+
+    ModifiedResNet is walked by hand: its `forward_intermediates` in open_clip 3.3.0 truncates the stages whenever
+    stop_early is off, so the pooled output would be wrong for taps that end before the last stage.
+    """
+    if isinstance(tower, ModifiedResNet):
+        x = tower.stem(x)
+        maps = []
+        for index, stage in enumerate(_resnet_stages(tower)):
+            x = stage(x)
+            if index in taps:
+                maps.append(x)
+        return tower.attnpool(x), maps
+    out = tower.forward_intermediates(x, indices=list(taps), output_fmt="NCHW")
+    return out["image_features"], out["image_intermediates"]
+
+
+class InjectedImageEncoder(nn.Module):
+    """An open_clip image tower plus branch L, multi-scale fusion and residual injection (see the module doc).
+
+    Args:
+        tower: `model.visual` of an open_clip CLIP (VisionTransformer or ModifiedResNet); its parameters are shared.
+        variant: "v1" … "v6" (`FUSION_VARIANTS`).
+        taps: sorted 0-based indices of the blocks (ViT) or stages (ResNet: 0 = layer1 … 3 = layer4) whose outputs
+            feed branch L; default `default_taps(depth)`. Ignored for V1.
+        channels: branch-L and fusion width C (default 256; keep it ≲ the tower width on tiny towers).
+        reduction, spatial_kernel: CBAM's MLP reduction and spatial kernel size.
+        heads, refiner_depth, max_grid: refiner heads, blocks, and the cap on the fusion grid.
+        gate_bias: initial gate bias b of V5/V6.
+    """
+
+    def __init__(self, tower: nn.Module, variant: str = "v5", taps: Sequence[int] | None = None,
+                 channels: int = 256, *, reduction: int = 16, spatial_kernel: int = 7, heads: int = 8,
+                 refiner_depth: int = 2, max_grid: int = 14, gate_bias: float = -4.0) -> None:
+        super().__init__()
+        if variant not in FUSION_VARIANTS:
+            raise ValueError(f"unknown fusion variant {variant!r}; expected one of {sorted(FUSION_VARIANTS)}")
+        widths = tap_widths(tower)
+        self.tower = tower
+        self.variant = variant
+        spec = FUSION_VARIANTS[variant]
+        self.taps: list[int] = []
+        self.branch: LocalBranch | None = None
+        self.fusion: MultiScaleFusion | None = None
+        self.gate: SigmoidGate | None = None
+        if not spec.inject:
+            return
+        if isinstance(getattr(tower, "patch_dropout", None), PatchDropout):
+            raise ValueError("injection needs the full patch grid; build the tower without patch dropout")
+        self.taps = list(default_taps(len(widths)) if taps is None else taps)
+        if not self.taps or self.taps != sorted(set(self.taps)) or not 0 <= self.taps[0] <= self.taps[-1] < len(widths):
+            raise ValueError(f"taps must be sorted, distinct block indices in [0, {len(widths)}), got {self.taps}")
+        embed_dim = tower.output_dim
+        self.branch = LocalBranch([widths[i] for i in self.taps], channels)
+        self.fusion = MultiScaleFusion(len(self.taps), channels, embed_dim, cbam=spec.cbam, refiner=spec.refiner,
+                                       zero_init_projection=spec.gate is None, reduction=reduction,
+                                       spatial_kernel=spatial_kernel, heads=heads, refiner_depth=refiner_depth,
+                                       max_grid=max_grid)
+        self.gate = spec.gate(embed_dim, gate_bias) if spec.gate is not None else None
+
+    def features(self, x: torch.Tensor) -> InjectedFeatures:
+        """z, z_g and the branch-L maps from one pass of the tower (see the module doc)."""
+        if self.branch is None:
+            z_g = self.tower(x)
+            return InjectedFeatures(z_g, z_g, [])
+        z_g, taken = forward_taps(self.tower, x, self.taps)
+        maps = self.branch(taken)
+        delta = self.fusion(maps)
+        z = z_g + delta if self.gate is None else self.gate(z_g, delta)
+        return InjectedFeatures(z, z_g, maps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The injected embedding z (not normalised), as an open_clip tower returns its embedding."""
+        return self.features(x).z
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.tower.set_grad_checkpointing(enable)
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names (relative to this module) to exclude from weight decay: the tower's own exclusions and
+        every injection parameter with ndim < 2 (α, biases, norm weights, the refiner's query token)."""
+        tower_names = getattr(self.tower, "no_weight_decay", set)()
+        injection = (f"{name}.{param}" for name in ("branch", "fusion", "gate") if getattr(self, name) is not None
+                     for param, value in getattr(self, name).named_parameters() if value.ndim < 2)
+        return {f"tower.{name}" for name in tower_names} | set(injection)
