@@ -12,6 +12,7 @@ from dinorankclip.config import (
     resolve,
     run_names,
     suite_names,
+    teacher_stages,
     validate_params,
 )
 
@@ -35,6 +36,11 @@ def test_repository_params_are_valid(params):
      "studies.demo.evaluate.suites.5.recall_k: required key"),
     (lambda p: p["studies"]["demo"]["evaluate"]["suites"].append(
         {"dataset": "wds/demo-shape", "task": "zeroshot_classification"}), "benchmarks listed twice: demo-shape"),
+    (lambda p: p["runs"]["drc-r3"].update(injection={"variant": "v7"}), "runs.drc-r3.injection.variant: 'v7' is not"),
+    (lambda p: p["aliases"].update({"drc-r9": "drc-r8"}), "aliases.drc-r9: names 'drc-r8', which is not in runs"),
+    (lambda p: p["aliases"].update({"clip": "drc-r3"}), "aliases.clip: is also the name of a run"),
+    (lambda p: p["studies"]["demo"]["injection"].update(taps=[0, 1]),
+     "runs.drc-r0: injection.taps [0, 1] in study demo needs one tap per teacher block ([1, 2, 3])"),
 ])
 def test_bad_value_fails_naming_the_key(params, mutate, message):
     mutate(params)
@@ -61,6 +67,19 @@ def test_resolution_layers_defaults_study_and_run(params):
     assert resolve(params, "paper")["model"]["arch"] == "ViT-B-16"
     with pytest.raises(ParamsError, match="runs.nope: no such run"):
         resolve(params, "demo", "nope")
+
+
+def test_injection_layers_and_aliases_resolve(params):
+    cfg = resolve(params, "demo", "drc-r3-fusion-v5")
+    assert cfg["run"] == "drc-r3" and cfg["injection"]["variant"] == "v5" and cfg["loss"]["order"] == 3
+    assert cfg["injection"]["channels"] == params["studies"]["demo"]["injection"]["channels"] != 256
+    assert cfg["injection"]["distill"] == params["injection"]["distill"]
+    assert resolve(params, "paper", "clip")["injection"]["variant"] == "none"
+    assert "drc-r3-fusion-v5" not in run_names(params) and "drc-r3-fusion-v6" in run_names(params)
+    assert teacher_stages(resolve(params, "demo", "drc-r3-fusion-v1")) == []
+    assert teacher_stages(resolve(params, "demo", "drc-r3-fusion-v2")) == ["teacher"]
+    params["runs"]["drc-r3"]["injection"]["teacher"] = "online"
+    assert teacher_stages(resolve(params, "demo", "drc-r3")) == ["teacher_weights"]
 
 
 def test_deep_merge_does_not_alias_its_inputs():

@@ -16,7 +16,7 @@ import pytest
 from helpers import REPO, repo_params, snapshot_repo
 
 pytestmark = pytest.mark.e2e
-DEMO_TIMEOUT = 1800
+DEMO_TIMEOUT = 3600
 
 
 def make_env() -> dict:
@@ -94,7 +94,8 @@ def test_mlflow_store_holds_every_job_with_its_metrics(demo):
     db = sqlite3.connect(clone / "results/demo/mlflow.db")
     runs = dict(db.execute("select name, status from runs"))
     registry = list(repo_params()["runs"])
-    jobs = ["source", "data", "teacher", "report"] + [f"{s}/{r}" for s in ("pretrain", "evaluate") for r in registry]
+    jobs = ["source", "data", "teacher-weights", "teacher", "report"] + [f"{s}/{r}" for s in ("pretrain", "evaluate")
+                                                                         for r in registry]
     assert runs == dict.fromkeys(jobs, "FINISHED")
     steps = db.execute("select count(distinct m.step) from metrics m join runs r on m.run_uuid = r.run_uuid "
                        "where r.name = 'pretrain/clip' and m.key = 'loss'").fetchone()[0]
@@ -108,6 +109,24 @@ def test_order_sweep_table_covers_orders_zero_to_four_with_the_json_values(demo)
     for r in range(5):
         assert sweep.loc[r, "demo-shape top-1"] == evaluations(clone, f"drc-r{r}")["demo-shape"]["metrics"]["acc1"]
     assert (clone / "results/demo/report/order_sweep.png").stat().st_size > 10_000
+
+
+def test_fusion_ablation_table_covers_the_six_variants_and_the_gate_opened(demo):
+    clone, _ = demo
+    table = pd.read_csv(clone / "results/demo/report/fusion_ablation.csv", index_col="variant",
+                        float_precision="round_trip")
+    assert [label.split()[0] for label in table.index] == ["V1", "V2", "V3", "V4", "V5", "V6", "chance"]
+    runs = {label.split()[0]: run for label, run in table["run"].items() if label != "chance"}
+    assert runs["V5"] == "drc-r3-fusion-v5 = drc-r3" and runs["V1"] == "drc-r3-fusion-v1"
+    assert not (clone / "results/demo/pretrain/drc-r3-fusion-v5").exists()  # one run, two names
+    for variant, run in runs.items():
+        shape = evaluations(clone, run.split(" = ")[-1])["demo-shape"]["metrics"]["acc1"]
+        assert table.loc[table.index.str.startswith(variant), "demo-shape top-1"].item() == shape
+    for run in ("drc-r3", "drc-r3-fusion-v6"):
+        metrics = json.loads((clone / "results/demo/pretrain" / run / "metrics.json").read_text())
+        assert metrics["gate_alpha"] != 0, run
+    teacher = json.loads((clone / "results/demo/teacher/stats.json").read_text())
+    assert teacher["checked"] and teacher["images"] == 8000 and teacher["bytes_per_image"] < 80_000
 
 
 def test_second_make_demo_does_no_work_and_dvc_sees_everything_up_to_date(demo):

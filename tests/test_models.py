@@ -9,7 +9,7 @@ from dinorankclip.models.clip import create_clip, export_local_dir, load_local_d
 
 def test_export_round_trips_bit_exactly_through_stock_open_clip(tmp_path):
     torch.manual_seed(0)
-    model, _ = create_clip("demo-rn-tiny")
+    model, _, _ = create_clip("demo-rn-tiny")
     with torch.no_grad():
         model.logit_scale.fill_(2.5)  # not the init value, so a silent re-init would show
     model.eval()
@@ -31,3 +31,46 @@ def test_unknown_architecture_and_missing_export_are_clear_errors(tmp_path):
         create_clip("no-such-arch")
     with pytest.raises(FileNotFoundError, match="no open_clip_config.json"):
         load_local_dir(tmp_path)
+
+
+def trained_injected(variant: str):
+    """A demo-tower student with injection whose gate, branch and projection are all away from their init."""
+    torch.manual_seed(0)
+    injection = {"variant": variant, "channels": 16, "taps": [0, 1, 2], "reduction": 4, "spatial_kernel": 3,
+                 "heads": 2, "refiner_depth": 1, "max_grid": 4, "gate_bias": -4.0}
+    model, _, spec = create_clip("demo-rn-tiny", {**injection, "taps": None}, 3)
+    assert spec["taps"] == [1, 2, 3]  # evenly spaced, ending at the last stage, one per teacher block
+    model, _, spec = create_clip("demo-rn-tiny", injection, 3)
+    with torch.no_grad():
+        for param in model.visual.parameters():
+            param.add_(0.01 * torch.randn_like(param))
+    return model.eval(), spec
+
+
+@pytest.mark.parametrize("variant", ["v1", "v4", "v5"])
+def test_injected_export_reloads_bit_exactly_here_and_in_clip_benchmark(tmp_path, variant):
+    from clip_benchmark.models import MODEL_TYPES, load_clip
+
+    from dinorankclip.eval.model_type import register
+
+    model, spec = trained_injected(variant)
+    export_local_dir(model, "demo-rn-tiny", tmp_path, spec)
+    register()
+    assert "dinorankclip" in MODEL_TYPES
+    images = torch.randn(3, 3, 32, 32)
+    reloaded, transform, _ = load_clip("dinorankclip", "ignored", str(tmp_path), None, "cpu")
+    for other in (load_local_dir(tmp_path)[0], reloaded):
+        assert type(other.visual).__name__ == "InjectedImageEncoder" and other.visual.variant == variant
+        assert other.state_dict().keys() == model.state_dict().keys()
+        assert all(torch.equal(value, other.state_dict()[name]) for name, value in model.state_dict().items())
+        with torch.no_grad():
+            assert torch.equal(model.encode_image(images), other.encode_image(images))
+    assert transform.transforms[0].size == 32
+
+
+def test_injected_export_is_refused_by_stock_open_clip(tmp_path):
+    """The stock loader cannot build the injected tower: it fails loudly rather than dropping the injection."""
+    model, spec = trained_injected("v5")
+    export_local_dir(model, "demo-rn-tiny", tmp_path, spec)
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        open_clip.create_model_and_transforms(f"local-dir:{tmp_path}")

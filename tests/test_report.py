@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from dinorankclip.report.build import build_report
-from dinorankclip.report.tables import load_results, main_table, order_sweep_table, to_markdown
+from dinorankclip.report.tables import fusion_ablation_table, load_results, main_table, order_sweep_table, to_markdown
 
 
 def write_results(root, values):
@@ -69,7 +69,27 @@ def test_order_sweep_table_is_indexed_by_order_and_holds_the_json_values(evaluat
                                                    "| 1 | rankclip | **75.0** | 6.2 | **50.0** |"]
     out = tmp_path / "report"
     out.mkdir()
-    build_report("demo", evaluated, ["clip", "rankclip"], ["demo-colour", "demo-retrieval"], {"clip": 0, "rankclip": 1},
-                 out)
-    assert {"order_sweep.csv", "order_sweep.md", "order_sweep.png", "order_sweep.pdf"} <= {p.name for p in out.iterdir()}
+    build_report("demo", evaluated, ["clip", "rankclip"], ["demo-colour", "demo-retrieval"],
+                 {"clip": 0, "rankclip": 1}, out)
+    names = {p.name for p in out.iterdir()}
+    assert {"order_sweep.csv", "order_sweep.md", "order_sweep.png", "order_sweep.pdf"} <= names
     assert pd.read_csv(out / "order_sweep.csv", index_col="R", float_precision="round_trip").loc[1, "run"] == "rankclip"
+
+
+def test_fusion_ablation_table_is_indexed_by_variant_and_names_aliases(evaluated, tmp_path):
+    results = load_results(evaluated, ["clip", "rankclip"], ["demo-colour", "demo-retrieval"])
+    variants = {"V1 no injection": "clip", "V5 +conflict-aware gate": "rankclip"}
+    table = fusion_ablation_table(results, variants, {"rankclip": "drc-r3-fusion-v5 = rankclip"})
+    assert list(table.index) == ["V1 no injection", "V5 +conflict-aware gate", "chance"]
+    assert list(table["run"]) == ["clip", "drc-r3-fusion-v5 = rankclip", ""]
+    assert table.loc["V5 +conflict-aware gate", "demo-retrieval I→T R@1"] == 0.5
+    assert to_markdown(table).splitlines()[2:] == ["| V1 no injection | clip | 50.0 | **25.0** | 12.5 |",
+                                                   "| V5 +conflict-aware gate | drc-r3-fusion-v5 = rankclip | **75.0** "
+                                                   "| 6.2 | **50.0** |",
+                                                   "| chance |  | 16.7 | – | – |"]
+    out = tmp_path / "report"
+    out.mkdir()
+    build_report("demo", evaluated, ["clip", "rankclip"], ["demo-colour", "demo-retrieval"], {}, out, variants)
+    assert {"fusion_ablation.csv", "fusion_ablation.md", "fusion_ablation.png"} <= {p.name for p in out.iterdir()}
+    csv = pd.read_csv(out / "fusion_ablation.csv", index_col="variant", float_precision="round_trip")
+    assert csv.loc["V1 no injection", "demo-colour top-1"] == 0.5

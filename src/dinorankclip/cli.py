@@ -14,8 +14,8 @@ from pathlib import Path
 
 import yaml
 
-from dinorankclip.config import ParamsError, load_params, resolve, run_names, suite_names
-from dinorankclip.io import atomic_dir
+from dinorankclip.config import ParamsError, canonical_run, load_params, resolve, run_names, suite_names
+from dinorankclip.io import atomic_dir, write_json
 from dinorankclip.layout import stage_dir, state_dir, study_dir
 
 log = logging.getLogger("dinorankclip")
@@ -47,12 +47,24 @@ def cmd_data(cfg: dict, args, tracker) -> None:
     tracker.log_artifact(stage_dir(study, "data") / "stats.json")
 
 
+def cmd_teacher_weights(cfg: dict, args, tracker) -> None:
+    from dinorankclip.models.teacher import build_teacher_weights
+
+    study = cfg["study"]
+    with atomic_dir(stage_dir(study, "teacher_weights")) as out:
+        stats = build_teacher_weights(cfg, stage_dir(study, "source"), stage_dir(study, "data"), out)
+        write_config(cfg, out)
+        write_json(out / "stats.json", stats)
+    tracker.log_metrics({f"val_accuracy/{k}": v for k, v in stats.get("val_accuracy", {}).items()}, step=0)
+
+
 def cmd_teacher(cfg: dict, args, tracker) -> None:
     from dinorankclip.data.features import build_feature_cache
 
     study = cfg["study"]
     with atomic_dir(stage_dir(study, "teacher")) as out:
-        stats = build_feature_cache(cfg, stage_dir(study, "data"), state_dir(study, "teacher"), out)
+        stats = build_feature_cache(cfg, stage_dir(study, "data"), stage_dir(study, "teacher_weights"),
+                                    state_dir(study, "teacher"), out)
         write_config(cfg, out)
     tracker.log_metrics({k: v for k, v in stats.items() if isinstance(v, int | float)}, step=0)
 
@@ -63,7 +75,8 @@ def cmd_pretrain(cfg: dict, args, tracker) -> None:
     study = cfg["study"]
     with atomic_dir(stage_dir(study, "pretrain", cfg["run"])) as out:
         write_config(cfg, out)
-        pretrain(cfg, stage_dir(study, "data"), out, tracker)
+        pretrain(cfg, stage_dir(study, "data"), {name: stage_dir(study, name) for name in TEACHER_STAGES}, out,
+                 tracker)
     tracker.log_artifact(stage_dir(study, "pretrain", cfg["run"]) / "metrics.json")
 
 
@@ -83,25 +96,31 @@ def cmd_report(cfg: dict, args, tracker) -> None:
 
     study = cfg["study"]
     with atomic_dir(stage_dir(study, "report")) as out:
-        build_report(study, stage_dir(study, "evaluate"), args.runs, args.benchmarks, args.sweep_orders, out)
+        build_report(study, stage_dir(study, "evaluate"), args.runs, args.benchmarks, args.sweep_orders, out,
+                     args.fusion_variants, args.report_aliases)
     for path in sorted(stage_dir(study, "report").iterdir()):
         tracker.log_artifact(path, "report")
     print(f"report: {stage_dir(study, 'report').resolve()}")
 
 
-def report_orders(params: dict, study: str, table: str) -> dict[str, int]:
-    """{run: Plackett-Luce order} of a report table's runs; empty (no table) unless all of them are in the study."""
-    runs = params["report"][table]
-    missing = [run for run in runs if run not in params["runs"]]
+def report_runs(params: dict, study: str, table: str) -> dict[str, dict]:
+    """{run: resolved config} of a report table's runs (aliases resolved); empty (no table) unless all are known."""
+    names = params["report"][table]
+    missing = [name for name in names if canonical_run(params, name) not in params["runs"]]
     if missing:
         log.info("report.%s: runs not in this study (%s); the table is skipped", table, ", ".join(missing))
         return {}
-    return {run: resolve(params, study, run)["loss"]["order"] for run in runs}
+    return {canonical_run(params, name): resolve(params, study, name) for name in names}
 
 
-STAGES = {"source": cmd_source, "data": cmd_data, "teacher": cmd_teacher, "pretrain": cmd_pretrain,
-          "evaluate": cmd_evaluate, "report": cmd_report}
+FUSION_LABELS = {"v1": "V1 no injection", "v2": "V2 linear residual", "v3": "V3 +CBAM", "v4": "V4 +refiner",
+                 "v5": "V5 +conflict-aware gate", "v6": "V6 +plain gate"}
+
+
+STAGES = {"source": cmd_source, "data": cmd_data, "teacher-weights": cmd_teacher_weights, "teacher": cmd_teacher,
+          "pretrain": cmd_pretrain, "evaluate": cmd_evaluate, "report": cmd_report}
 PER_RUN = {"pretrain", "evaluate"}
+TEACHER_STAGES = ("teacher_weights", "teacher")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -133,7 +152,10 @@ def main(argv: list[str] | None = None) -> int:
               f"suites {', '.join(suite_names(params, cfg['study']))}")
         return 0
     args.runs, args.benchmarks = run_names(params), suite_names(params, cfg["study"])
-    args.sweep_orders = report_orders(params, cfg["study"], "order_sweep")
+    args.sweep_orders = {run: c["loss"]["order"] for run, c in report_runs(params, cfg["study"], "order_sweep").items()}
+    args.fusion_variants = {FUSION_LABELS.get(c["injection"]["variant"], c["injection"]["variant"]): run
+                            for run, c in report_runs(params, cfg["study"], "fusion_ablation").items()}
+    args.report_aliases = {run: f"{alias} = {run}" for alias, run in params.get("aliases", {}).items()}
     from dinorankclip.tracking import job_run
 
     with job_run(cfg, study_dir(cfg["study"]), args.command) as tracker:

@@ -1,9 +1,9 @@
 """Load, validate and resolve `params.yaml`: the single source of truth for every stage.
 
-A job's configuration is resolved in three layers, DINOv3-style: the shared method defaults (`seed`, `loss`),
-the selected study's block (`studies.<study>`: data, model and schedule at demo or paper scale, plus an optional
-partial `loss` for scale-dependent loss sizes), and, for per-run stages, the run's entry in the registry
-(`runs.<run>`), which overrides any of those keys.
+A job's configuration is resolved in three layers: the shared method defaults (`seed`, `loss`, `injection`),
+the selected study's block (`studies.<study>`: data, model and schedule at demo or paper scale, plus optional
+partial `loss` and `injection` for scale-dependent sizes), and, for per-run stages, the run's entry in the
+registry (`runs.<run>`), which overrides any of those keys. An alias (`aliases`) resolves to the run it names.
 """
 
 from __future__ import annotations
@@ -66,6 +66,18 @@ def _cross_key_problems(params: Mapping[str, Any]) -> list[str]:
     problems = []
     if params["study"] not in params["studies"]:
         problems.append(f"study: '{params['study']}' is not one of studies ({', '.join(params['studies'])})")
+    for alias, run in params.get("aliases", {}).items():
+        if alias in params["runs"]:
+            problems.append(f"aliases.{alias}: is also the name of a run")
+        if run not in params["runs"]:
+            problems.append(f"aliases.{alias}: names '{run}', which is not in runs")
+    for study in params["studies"]:
+        for run in params["runs"]:
+            cfg = resolve(params, study, run)
+            taps, blocks = cfg["injection"]["taps"], cfg["teacher"]["blocks"]
+            if cfg["injection"]["variant"] not in ("none", "v1") and taps is not None and len(taps) != len(blocks):
+                problems.append(f"runs.{run}: injection.taps {taps} in study {study} needs one tap per teacher "
+                                f"block ({blocks})")
     for study, block in params["studies"].items():
         ev = block["evaluate"]
         names = [benchmark_name(suite["dataset"]) for suite in ev["suites"]]
@@ -108,8 +120,10 @@ def resolve(params: Mapping[str, Any], study: str | None = None, run: str | None
     if study not in params["studies"]:
         raise ParamsError(f"study: '{study}' is not one of studies ({', '.join(params['studies'])})")
     block = params["studies"][study]
-    config = {"study": study, "seed": params["seed"], **block, "loss": deep_merge(params["loss"], block.get("loss", {}))}
+    config = {"study": study, "seed": params["seed"], **block,
+              **{key: deep_merge(params[key], block.get(key, {})) for key in ("loss", "injection")}}
     if run is not None:
+        run = params.get("aliases", {}).get(run, run)
         if run not in params["runs"]:
             raise ParamsError(f"runs.{run}: no such run in the registry (known: {', '.join(params['runs'])})")
         config = deep_merge(config, params["runs"][run] or {})
@@ -118,8 +132,22 @@ def resolve(params: Mapping[str, Any], study: str | None = None, run: str | None
 
 
 def run_names(params: Mapping[str, Any]) -> list[str]:
-    """Every run in the registry; each study trains and evaluates all of them."""
+    """Every run in the registry; each study trains and evaluates all of them (aliases are not runs)."""
     return list(params["runs"])
+
+
+def teacher_stages(cfg: Mapping[str, Any]) -> list[str]:
+    """The teacher stages a resolved run reads: none without a branch L to distil, else the feature cache
+    (`teacher`) or, with an online teacher, only its weights (`teacher_weights`)."""
+    injection = cfg["injection"]
+    if injection["variant"] in ("none", "v1"):
+        return []
+    return ["teacher_weights"] if injection["teacher"] == "online" else ["teacher"]
+
+
+def canonical_run(params: Mapping[str, Any], name: str) -> str:
+    """The run a name stands for: itself, or the run its alias names."""
+    return params.get("aliases", {}).get(name, name)
 
 
 def benchmark_name(dataset: str) -> str:

@@ -3,7 +3,7 @@
 import json
 import os
 
-from dinorankclip.config import resolve, run_names
+from dinorankclip.config import resolve, run_names, teacher_stages
 from dinorankclip.layout import stage_dir, study_dir
 
 STUDY = config["study"]

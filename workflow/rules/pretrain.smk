@@ -2,11 +2,12 @@ rule pretrain:
     """One run of the registry: open_clip towers trained on the shards; exported as an open_clip local-dir."""
     input:
         rules.data.output,
+        lambda w: [out(stage) for stage in teacher_stages(resolve(config, STUDY, w.run))],
     output:
         directory(out("pretrain", "{run}")),
     params:
         cli=CLI,
-        settings=lambda w: settings("loss", "model", "pretrain", run=w.run),
+        settings=lambda w: settings("loss", "injection", "teacher", "model", "pretrain", run=w.run),
     threads: config["studies"][STUDY]["pretrain"]["threads"]
     log:
         log_file("pretrain", "{run}"),

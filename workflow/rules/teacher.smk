@@ -1,7 +1,29 @@
+rule teacher_weights:
+    """The teacher's weights: the demo trains its DINOv3-architecture stand-in; the paper imports DINOv3's file."""
+    input:
+        rules.source.output,
+        rules.data.output,
+    output:
+        directory(out("teacher_weights")),
+    params:
+        cli=CLI,
+        settings=lambda w: settings("teacher"),
+    threads: config["studies"][STUDY]["teacher"]["threads"]
+    log:
+        log_file("teacher_weights"),
+    benchmark:
+        benchmark_file("teacher_weights")
+    conda:
+        "../../envs/dinorankclip.yaml"
+    shell:
+        "{params.cli} teacher-weights > {log} 2>&1"
+
+
 rule teacher:
     """Frozen DINOv3 features (CLS + pooled patch maps) for every training image, keyed like the images."""
     input:
         rules.data.output,
+        rules.teacher_weights.output,
     output:
         directory(out("teacher")),
     params:

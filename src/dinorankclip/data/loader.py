@@ -3,6 +3,8 @@
 Random access makes the data position of a run a single number (the step), which is what exact resume and
 equal global batches across world sizes need; the per-epoch permutation depends only on (seed, epoch).
 Samples are fetched a whole batch at a time (`__getitems__`), so captions are tokenised in one call.
+With a teacher feature index (the `teacher` stage's `features.json`, one feature shard per image shard, same
+sizes), sample i of the features is read beside sample i of the images and their keys must agree.
 """
 
 from __future__ import annotations
@@ -10,7 +12,9 @@ from __future__ import annotations
 import io
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
+import numpy as np
 import torch
 import wids
 from PIL import Image
@@ -19,33 +23,57 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 IMAGE_KEYS = (".jpg", ".jpeg", ".png", ".webp")
 
 
-class ShardPairs(Dataset):
-    """Batches of (images [B,3,H,W], token ids [B,L], sample keys) from the samples of a wids shard index."""
+class Batch(NamedTuple):
+    """Images [B,3,H,W], token ids [B,L], sample keys, and the teacher's patch maps [B,S,C,g,g] (fp16) or None."""
 
-    def __init__(self, index: Path, transform: Callable, tokenizer: Callable):
-        # identity localname: read the shards where they are instead of copying them into a cache
-        self.shards = wids.ShardListDataset(str(index), localname=lambda url: url, transformations=[])
+    images: torch.Tensor
+    tokens: torch.Tensor
+    keys: list[str]
+    teacher: torch.Tensor | None
+
+
+def _shards(index: Path) -> wids.ShardListDataset:
+    # identity localname: read the shards where they are instead of copying them into a cache
+    return wids.ShardListDataset(str(index), localname=lambda url: url, transformations=[])
+
+
+class ShardPairs(Dataset):
+    """`Batch`es from the samples of a wids shard index, with the cached teacher features if an index is given."""
+
+    def __init__(self, index: Path, transform: Callable, tokenizer: Callable, features: Path | None = None):
+        self.shards = _shards(index)
+        self.features = _shards(features) if features is not None else None
+        if self.features is not None and len(self.features) != len(self.shards):
+            raise ValueError(f"{features}: {len(self.features)} feature samples for {len(self.shards)} images in "
+                             f"{index}; rebuild the teacher stage")
         self.transform, self.tokenizer = transform, tokenizer
 
     def __len__(self) -> int:
         return len(self.shards)
 
-    def _read(self, i: int) -> tuple[torch.Tensor, str, str]:
+    def _read(self, i: int) -> tuple[torch.Tensor, str, str, torch.Tensor | None]:
         sample = self.shards[i]
         image_key = next((k for k in IMAGE_KEYS if k in sample), None)
         if image_key is None or ".txt" not in sample:
             raise KeyError(f"{sample['__shard__']}: sample {sample['__key__']} lacks an image or a caption")
         with Image.open(io.BytesIO(sample[image_key].getvalue())) as img:
             image = self.transform(img.convert("RGB"))
-        return image, sample[".txt"].getvalue().decode("utf-8"), sample["__key__"]
+        return image, sample[".txt"].getvalue().decode("utf-8"), sample["__key__"], self._teacher(i, sample)
 
-    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-        images, captions, keys = zip(*(self._read(i) for i in indices), strict=True)
-        return torch.stack(images), self.tokenizer(list(captions)), list(keys)
+    def _teacher(self, i: int, sample: dict) -> torch.Tensor | None:
+        if self.features is None:
+            return None
+        feature = self.features[i]
+        if feature["__key__"] != sample["__key__"] or ".patches.npy" not in feature:
+            raise KeyError(f"teacher features out of step with the images: sample {sample['__key__']} of "
+                           f"{sample['__shard__']} meets {feature['__key__']} of {feature['__shard__']}"
+                           + ("" if ".patches.npy" in feature else " (no patches.npy)"))
+        return torch.from_numpy(np.load(feature[".patches.npy"]))
 
-    def __getitem__(self, i: int):
-        image, caption, key = self._read(i)
-        return image, self.tokenizer([caption])[0], key
+    def __getitems__(self, indices: list[int]) -> Batch:
+        images, captions, keys, teacher = zip(*(self._read(i) for i in indices), strict=True)
+        return Batch(torch.stack(images), self.tokenizer(list(captions)), list(keys),
+                     None if self.features is None else torch.stack(teacher))
 
 
 class EpochPermutation(Sampler[int]):

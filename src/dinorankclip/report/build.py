@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from dinorankclip.report.figures import comparison_bars, order_sweep_lines
-from dinorankclip.report.tables import load_results, main_table, order_sweep_table, to_markdown
+from dinorankclip.report.tables import fusion_ablation_table, load_results, main_table, order_sweep_table, to_markdown
 
 log = logging.getLogger(__name__)
 
@@ -23,9 +23,11 @@ def write_table(table: pd.DataFrame, title: str, stem: Path) -> list[Path]:
 
 
 def build_report(study: str, evaluate_dir: Path, runs: list[str], benchmarks: list[str], sweep_orders: dict[str, int],
-                 out: Path) -> list[Path]:
-    """Write every table and figure into `out`; `sweep_orders` maps the order-sweep runs to their order R
-    (empty: no sweep table)."""
+                 out: Path, fusion_variants: dict[str, str] | None = None,
+                 aliases: dict[str, str] | None = None) -> list[Path]:
+    """Write every table and figure into `out`. `sweep_orders` maps the order-sweep runs to their order R,
+    `fusion_variants` the ablation's variant labels to runs (empty: no such table); `aliases` ({run: the name the
+    report configuration used}) names rows that were configured by an alias."""
     results = load_results(evaluate_dir, runs, benchmarks)
     table = main_table(results)
     written = write_table(table, f"{study}: zero-shot results (%)", out / "main")
@@ -34,5 +36,9 @@ def build_report(study: str, evaluate_dir: Path, runs: list[str], benchmarks: li
         sweep = order_sweep_table(results, sweep_orders)
         written += write_table(sweep, f"{study}: order sweep (%)", out / "order_sweep")
         written += order_sweep_lines(sweep, f"{study}: order sweep", out / "order_sweep")
+    if fusion_variants:
+        ablation = fusion_ablation_table(results, fusion_variants, aliases or {})
+        written += write_table(ablation, f"{study}: fusion ablation at R = 3 (%)", out / "fusion_ablation")
+        written += comparison_bars(ablation, f"{study}: fusion ablation", out / "fusion_ablation")
     log.info("report: %s", ", ".join(str(p) for p in written))
     return written

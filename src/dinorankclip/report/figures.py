@@ -22,7 +22,10 @@ def save(fig, stem: Path) -> list[Path]:
 
 
 def comparison_bars(table: pd.DataFrame, title: str, stem: Path) -> list[Path]:
-    """Grouped bars: one group per metric column, one bar per run, chance as a dashed tick over each group."""
+    """Grouped bars: one group per metric column, one bar per row, chance as a dashed tick over each group.
+
+    Text columns (the `run` of a labelled table) are left out."""
+    table = table.select_dtypes("number")
     runs = [r for r in table.index if r != "chance"]
     x = np.arange(len(table.columns))
     width = 0.8 / max(len(runs), 1)

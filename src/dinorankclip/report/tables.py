@@ -54,11 +54,28 @@ def main_table(results: dict[str, dict[str, dict]]) -> pd.DataFrame:
     return table
 
 
+def labelled_table(results: dict[str, dict[str, dict]], rows: dict, index_name: str,
+                   names: dict[str, str] | None = None) -> pd.DataFrame:
+    """Headline metrics of the runs in `rows` ({label: run}), indexed by label in the given order, with a `run`
+    column holding the run's name (or its name in `names`, e.g. the alias the table was configured with)."""
+    names = names or {}
+    table = headline_table({label: results[run] for label, run in rows.items()})
+    table.insert(0, "run", [names.get(run, run) for run in rows.values()])
+    table.index = pd.Index(list(rows), name=index_name)
+    return table
+
+
 def order_sweep_table(results: dict[str, dict[str, dict]], orders: dict[str, int]) -> pd.DataFrame:
     """The sweep runs' headline metrics indexed by their Plackett-Luce order R, with the run name as a column."""
-    table = headline_table({run: results[run] for run in sorted(orders, key=orders.get)})
-    table.insert(0, "run", table.index)
-    table.index = pd.Index([orders[run] for run in table["run"]], name="R")
+    return labelled_table(results, {orders[run]: run for run in sorted(orders, key=orders.get)}, "R")
+
+
+def fusion_ablation_table(results: dict[str, dict[str, dict]], variants: dict[str, str],
+                          names: dict[str, str]) -> pd.DataFrame:
+    """The ablation runs' headline metrics indexed by fusion variant ({variant label: run}), plus chance."""
+    table = labelled_table(results, variants, "variant", names)
+    first = next(iter(results.values()))
+    table.loc["chance"] = ["", *(chance(first[bench], key) for bench, key, _ in columns(results))]
     return table
 
 

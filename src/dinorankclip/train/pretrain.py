@@ -15,11 +15,12 @@ import torch
 from tqdm import tqdm
 
 from dinorankclip.data.loader import ShardPairs, pair_loader
-from dinorankclip.io import write_json
+from dinorankclip.io import read_json, write_json
 from dinorankclip.models.clip import create_clip, export_local_dir
 from dinorankclip.tracking import Tracker
 from dinorankclip.train.objective import build_objective
 from dinorankclip.train.optim import make_optimizer, make_schedule, param_groups
+from dinorankclip.train.student import Student, distill_loss, distill_weight, distills
 
 log = logging.getLogger(__name__)
 MAX_LOGIT_SCALE = math.log(100.0)
@@ -32,23 +33,44 @@ def setup_torch(seed: int, threads: int) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def pretrain(cfg: dict, data_dir: Path, out: Path, tracker: Tracker) -> dict:
-    """Train the run described by `cfg` on the shards in `data_dir`; export the model into `out`."""
-    opt = cfg["pretrain"]
+def build_student(cfg: dict, teacher_dirs: dict[str, Path], device: torch.device):
+    """(Student, transform, injection spec, teacher feature index or None) for the run described by `cfg`."""
+    injection = cfg["injection"]
+    model, transform, spec = create_clip(cfg["model"]["arch"], injection, len(cfg["teacher"]["blocks"]))
+    if not distills(model):
+        return Student(model), transform, spec, None
+    if injection["teacher"] == "online":
+        from dinorankclip.models.teacher import WEIGHTS_FILE, OnlineTeacher, load_teacher
+
+        frozen = load_teacher(cfg["teacher"], teacher_dirs["teacher_weights"] / WEIGHTS_FILE, device)
+        online = OnlineTeacher(frozen, cfg["teacher"]["blocks"], cfg["teacher"]["grid"],
+                               model.visual.tower.preprocess_cfg["mean"], model.visual.tower.preprocess_cfg["std"])
+        return Student(model, frozen.embed_dim, injection["distill"]["tau"], online), transform, spec, None
+    cache = teacher_dirs["teacher"]
+    width = read_json(cache / "stats.json")["patch_channels"]
+    return Student(model, width, injection["distill"]["tau"]), transform, spec, cache / "features.json"
+
+
+def pretrain(cfg: dict, data_dir: Path, teacher_dirs: dict[str, Path], out: Path, tracker: Tracker) -> dict:
+    """Train the run described by `cfg` on the shards in `data_dir` (with the teacher stage outputs in
+    `teacher_dirs` when it distils); export the model into `out`."""
+    opt, injection = cfg["pretrain"], cfg["injection"]
     device = setup_torch(cfg["seed"], opt["threads"])
     arch = cfg["model"]["arch"]
-    model, transform = create_clip(arch)
+    student, transform, spec, features = build_student(cfg, teacher_dirs, device)
+    model = student.model
     objective = build_objective(cfg["loss"], model.text_projection.shape[1], cfg["seed"])
-    model.to(device).train()
+    student.to(device).train()
     objective.to(device).train()
 
     import open_clip
 
-    dataset = ShardPairs(data_dir / "shards.json", transform, open_clip.get_tokenizer(arch))
+    dataset = ShardPairs(data_dir / "shards.json", transform, open_clip.get_tokenizer(arch), features)
     loader = pair_loader(dataset, opt["batch_size"], cfg["seed"], opt["workers"])
     steps_per_epoch = len(dataset) // opt["batch_size"]
     total_steps = opt["epochs"] * steps_per_epoch
-    optimizer = make_optimizer(param_groups([("model", model), ("objective", objective)], opt["weight_decay"]), opt)
+    optimizer = make_optimizer(param_groups([("student", student), ("objective", objective)], opt["weight_decay"]),
+                               opt)
     set_lr = make_schedule(optimizer, opt, total_steps)
     log.info("%s: %d samples, %d steps of %d (%d epochs), device %s", cfg["run"], len(dataset), total_steps,
              opt["batch_size"], opt["epochs"], device)
@@ -60,15 +82,24 @@ def pretrain(cfg: dict, data_dir: Path, out: Path, tracker: Tracker) -> dict:
         loader.sampler.set_position(epoch)
         epoch_losses = []
         t_data = time.perf_counter()
-        for images, tokens, _keys in loader:
+        for batch in loader:
             t_step = time.perf_counter()
             lr = set_lr(step)
-            images, tokens = images.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
-            image_features, text_features, scale = model(images, tokens)
-            loss, terms = objective(image_features, text_features, scale, step, total_steps)
+            images, tokens = batch.images.to(device, non_blocking=True), batch.tokens.to(device, non_blocking=True)
+            teacher = batch.teacher.to(device, non_blocking=True) if batch.teacher is not None else None
+            out_step = student(images, tokens, teacher)
+            loss, terms = objective(out_step.image, out_step.text, out_step.scale, step, total_steps)
+            if out_step.distill is not None:
+                kd_weight = distill_weight(injection, cfg["loss"], step, total_steps)
+                loss = loss + kd_weight * distill_loss(out_step.distill, injection)
+                terms.update({"loss/distill_feature": out_step.distill.feature.detach(),
+                              "loss/distill_relational": out_step.distill.relational.detach(),
+                              "distill_weight": kd_weight})
+            if spec is not None and spec["variant"] in ("v5", "v6"):
+                terms["gate_alpha"] = model.visual.gate.alpha.detach()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
+            grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), float("inf"))
             optimizer.step()
             with torch.no_grad():
                 model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
@@ -77,7 +108,8 @@ def pretrain(cfg: dict, data_dir: Path, out: Path, tracker: Tracker) -> dict:
             t_end = time.perf_counter()
             if step % opt["log_every"] == 0 or step == total_steps:
                 tracker.log_metrics({"loss": loss.item(), **{k: float(v) for k, v in terms.items()}, "lr": lr,
-                                     "logit_scale": scale.item(), "grad_norm": grad_norm.item(), "epoch": epoch,
+                                     "logit_scale": out_step.scale.item(), "grad_norm": grad_norm.item(),
+                                     "epoch": epoch,
                                      "samples_per_s": opt["batch_size"] / (t_end - t_data),
                                      "data_wait_fraction": (t_step - t_data) / (t_end - t_data)}, step)
             progress.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", refresh=False)
@@ -88,11 +120,13 @@ def pretrain(cfg: dict, data_dir: Path, out: Path, tracker: Tracker) -> dict:
 
     model.eval()
     (out / "model").mkdir()
-    export_local_dir(model.cpu(), arch, out / "model")
+    export_local_dir(model.cpu(), arch, out / "model", spec)
     metrics = {"steps": step, "samples_seen": step * opt["batch_size"], "epochs": opt["epochs"],
                "final_epoch_train_loss": sum(epoch_losses) / max(len(epoch_losses), 1),
                "train_seconds": seconds, "device": str(device),
                "device_hours": seconds / 3600 * (1 if device.type == "cuda" else opt["threads"])}
+    if spec is not None and spec["variant"] in ("v5", "v6"):
+        metrics["gate_alpha"] = model.visual.gate.alpha.item()
     write_json(out / "metrics.json", metrics)
     tracker.log_metrics({f"final/{k}": v for k, v in metrics.items() if isinstance(v, int | float)}, step)
     return metrics
