@@ -266,3 +266,16 @@ def test_model_visual_can_be_replaced_and_encode_image_keeps_working(kind):
     torch.testing.assert_close(after, F.normalize(feats.z, dim=-1))
     torch.testing.assert_close(F.normalize(feats.z_g, dim=-1), before)
     assert any(name.startswith("visual.gate.") for name in model.state_dict())
+
+
+@pytest.mark.parametrize("kind", TOWERS)
+def test_lock_image_tower_freezes_the_tower_and_leaves_the_injection_trainable(kind):
+    model = create_clip("demo-rn-tiny")[0] if kind == "resnet" else _vit_clip()
+    tower = model.visual
+    model.visual = InjectedImageEncoder(tower, "v5", channels=32, heads=2)
+    if kind == "resnet":  # built by open_clip's factory, which sets the preprocessing config
+        assert model.visual.preprocess_cfg == tower.preprocess_cfg and tower.preprocess_cfg["size"] == 32
+    model.lock_image_tower()
+    assert not any(p.requires_grad for p in model.visual.tower.parameters())
+    injection = [p for name, p in model.visual.named_parameters() if not name.startswith("tower.")]
+    assert injection and all(p.requires_grad for p in injection)

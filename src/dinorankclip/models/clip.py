@@ -63,8 +63,7 @@ def create_clip(arch: str, injection: dict | None = None, num_teacher_blocks: in
 
 def export_local_dir(model: open_clip.CLIP, arch: str, out: Path, injection: dict | None = None) -> None:
     """Write `model` as an open_clip local-dir into `out` (an existing, empty directory)."""
-    tower = model.visual.tower if injection else model.visual
-    config = {"model_cfg": model_config(arch), "preprocess_cfg": dict(tower.preprocess_cfg), "arch": arch}
+    config = {"model_cfg": model_config(arch), "preprocess_cfg": dict(model.visual.preprocess_cfg), "arch": arch}
     if injection:
         config["injection"] = injection
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")

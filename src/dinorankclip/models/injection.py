@@ -169,6 +169,15 @@ class InjectedImageEncoder(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.tower.set_grad_checkpointing(enable)
 
+    @property
+    def preprocess_cfg(self) -> dict:
+        """The tower's preprocessing config (what open_clip reads from `model.visual`)."""
+        return self.tower.preprocess_cfg
+
+    def lock(self, unlocked_groups: int = 0, freeze_bn_stats: bool = False) -> None:
+        """open_clip's `lock_image_tower`: freeze the tower; the injection (branch L, fusion, gate) stays trainable."""
+        self.tower.lock(unlocked_groups, freeze_bn_stats)
+
     def no_weight_decay(self) -> set[str]:
         """Parameter names (relative to this module) to exclude from weight decay: the tower's own exclusions and
         every injection parameter with ndim < 2 (α, biases, norm weights, the refiner's query token)."""
