@@ -1,0 +1,204 @@
+"""Samples/s and MFU of one run's training step, next to open_clip's own training step on the same tower and batch.
+
+Ours is built the way pretraining builds it — `setup_torch`, `build_student`, `build_objective`, `TrainStep`,
+`make_optimizer(param_groups(...))`, `update` — and fed synthetic inputs of the shapes the loader yields: images at
+the tower's preprocess size, token ids from the architecture's tokenizer and, for runs that distil from the
+teacher cache, random fp16 teacher maps [B, S, C, g, g] as the cache stores them. The teacher stage outputs that
+`build_student` reads are stood in for in a temporary directory (the cache's channel width; random weights for an
+online teacher: speed does not depend on them), so no study needs to have been run.
+
+The reference is open_clip's step: `open_clip.create_model(arch)`, `ClipLoss`, fused AdamW, the logit-scale clamp.
+Both sides get the same seed, inputs, autocast, the run's `pretrain.grad_checkpointing` and `compile`, the
+process-wide settings of `setup_torch` (deterministic algorithms) and the same timing: `--warmup` untimed steps, then
+`--steps` steps between device synchronisations. Each side's FLOPs are counted on one more step
+(`dinorankclip.train.flops`), so its MFU uses its own work: injection, ranking heads and distillation make ours more
+FLOPs per sample than open_clip's.
+One process drives one device, so samples/s per device equals samples/s.
+
+Usage: python bench/step.py --run clip [--study demo] [--arch ARCH] [--batch 64] [--steps 10] [--warmup 3]
+       [--precision bf16|fp32] [--threads N] [--out FILE]
+Prints one JSON object on stdout (progress goes to stderr) and writes it to --out if given.
+"""
+
+import argparse
+import itertools
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import open_clip
+import torch
+from safetensors.torch import save_file
+
+from dinorankclip.config import load_params, resolve, teacher_stages
+from dinorankclip.io import write_json
+from dinorankclip.models.teacher import WEIGHTS_FILE, create_teacher
+from dinorankclip.train.flops import mfu, peak_flops, step_flops
+from dinorankclip.train.objective import build_objective
+from dinorankclip.train.optim import make_optimizer, param_groups
+from dinorankclip.train.pretrain import build_student, setup_torch
+from dinorankclip.train.step import MAX_LOGIT_SCALE, TrainStep, autocast, update
+
+Inputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def stand_in_teacher(cfg: dict, tmp: Path) -> tuple[dict[str, Path], int]:
+    """(teacher stage dirs for `build_student`, made up in `tmp`; the cached maps' channel width, 0 without)."""
+    stages = teacher_stages(cfg)
+    if not stages:
+        return {}, 0
+    teacher = create_teacher(cfg["teacher"])
+    width = min(teacher.embed_dim, cfg["teacher"]["pca_dim"])  # the cache PCA-reduces only a wider teacher
+    dirs = {stage: tmp / stage for stage in stages}
+    for path in dirs.values():
+        path.mkdir()
+    if "teacher" in dirs:
+        write_json(dirs["teacher"] / "stats.json", {"patch_channels": width})
+    else:
+        save_file({k: v.contiguous() for k, v in teacher.state_dict().items()},
+                  str(dirs["teacher_weights"] / WEIGHTS_FILE))
+    return dirs, width
+
+
+def synthetic_inputs(cfg: dict, model: torch.nn.Module, batch: int, width: int, device: torch.device) -> Inputs:
+    """Images, token ids and (cache runs only) teacher maps shaped like a loader batch, from the run's seed."""
+    generator = torch.Generator().manual_seed(cfg["seed"])
+    size = model.visual.preprocess_cfg["size"]
+    h, w = (size, size) if isinstance(size, int) else size
+    images = torch.randn(batch, 3, h, w, generator=generator)
+    tokens = open_clip.get_tokenizer(cfg["model"]["arch"])([f"synthetic caption {i}" for i in range(batch)])
+    teacher = None
+    if "teacher" in teacher_stages(cfg):
+        spec = cfg["teacher"]
+        teacher = torch.randn(batch, len(spec["blocks"]), width, spec["grid"], spec["grid"], generator=generator)
+        teacher = teacher.half().to(device)
+    return images.to(device), tokens.to(device), teacher
+
+
+def our_step(cfg: dict, args, device: torch.device, precision: str) -> Callable[[], None]:
+    """One training step of the run on a fixed synthetic batch, built as `pretrain` builds it."""
+    opt = cfg["pretrain"]
+    with tempfile.TemporaryDirectory() as tmp:
+        dirs, width = stand_in_teacher(cfg, Path(tmp))
+        setup_torch(cfg["seed"], args.threads)  # seeds as pretraining does, after the stand-in's own init
+        student, _, _, _ = build_student(cfg, dirs, device)
+    if opt["grad_checkpointing"]:
+        student.model.set_grad_checkpointing(True)
+    objective = build_objective(cfg["loss"], student.model.text_projection.shape[1], cfg["seed"])
+    module = TrainStep(student, objective, cfg["injection"], cfg["loss"], gather=False).to(device).train()
+    optimizer = make_optimizer(param_groups([("", module)], opt["weight_decay"]), opt)
+    if opt["compile"]:
+        student.compile()
+    images, tokens, teacher = synthetic_inputs(cfg, student.model, args.batch, width, device)
+    steps, total = itertools.count(), args.warmup + args.steps + 1
+
+    def run() -> None:
+        with autocast(device, precision):
+            loss, _ = module(images, tokens, teacher, next(steps), total)
+        update(module, loss, optimizer, student.model, opt["grad_clip"])
+
+    return run
+
+
+def open_clip_step(cfg: dict, args, device: torch.device, precision: str) -> Callable[[], None]:
+    """open_clip's training step (model, ClipLoss, fused AdamW, clamp) for the same architecture, seed, batch,
+    gradient checkpointing and compilation."""
+    opt = cfg["pretrain"]
+    torch.manual_seed(cfg["seed"])
+    model = open_clip.create_model(cfg["model"]["arch"]).to(device).train()
+    if opt["grad_checkpointing"]:
+        model.set_grad_checkpointing(True)
+    if opt["compile"]:
+        model.compile()
+    loss_fn = open_clip.loss.ClipLoss()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=opt["lr"], betas=tuple(opt["betas"]), eps=opt["eps"],
+                                  weight_decay=opt["weight_decay"], fused=True)
+    images, tokens, _ = synthetic_inputs(cfg, model, args.batch, 0, device)
+
+    def run() -> None:
+        with autocast(device, precision):
+            loss = loss_fn(*model(images, tokens))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+
+    return run
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(name: str, run: Callable[[], None], args, device: torch.device) -> tuple[int, float]:
+    """(FLOPs of one step, steps/s over `args.steps` timed steps after `args.warmup` untimed ones)."""
+    log(f"{name}: counting FLOPs of one step")
+    flops = step_flops(run)
+    log(f"{name}: {args.warmup} warm-up + {args.steps} timed steps")
+    for _ in range(args.warmup):
+        run()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        run()
+    synchronize(device)
+    return flops, args.steps / (time.perf_counter() - start)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--run", required=True, help="run name from the registry (params.yaml: runs)")
+    p.add_argument("--study", help="study (default: `study` in params.yaml)")
+    p.add_argument("--arch", help="open_clip architecture (default: the study's model.arch)")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--precision", choices=("bf16", "fp32"), help="default: the study's pretrain.precision")
+    p.add_argument("--threads", type=int, help="CPU threads (default: the study's pretrain.threads)")
+    p.add_argument("--out", type=Path, help="also write the JSON here")
+    args = p.parse_args()
+
+    cfg = resolve(load_params(), args.study, args.run)
+    if args.arch:
+        cfg["model"]["arch"] = args.arch
+    args.threads = args.threads or cfg["pretrain"]["threads"]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    precision = (args.precision or cfg["pretrain"]["precision"]) if device.type == "cuda" else "fp32"
+
+    flops, steps_per_s = measure(f"{cfg['run']} (ours)", our_step(cfg, args, device, precision), args, device)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    ref_flops, ref_steps_per_s = measure("open_clip", open_clip_step(cfg, args, device, precision), args, device)
+    peak, source = peak_flops(device, precision, args.threads)
+
+    samples_per_s, ref_samples_per_s = args.batch * steps_per_s, args.batch * ref_steps_per_s
+    report = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({args.threads} threads)",
+        "run": cfg["run"], "study": cfg["study"], "arch": cfg["model"]["arch"], "batch": args.batch,
+        "precision": precision, "grad_checkpointing": cfg["pretrain"]["grad_checkpointing"],
+        "compile": cfg["pretrain"]["compile"], "steps": args.steps, "warmup": args.warmup,
+        "samples_per_s": samples_per_s, "samples_per_s_per_device": samples_per_s,
+        "step_flops": flops, "flops_per_sample": flops / args.batch, "achieved_flops_per_s": flops * steps_per_s,
+        "peak_flops": peak, "peak_source": source, "mfu": mfu(flops, steps_per_s, peak),
+        "open_clip_samples_per_s": ref_samples_per_s, "open_clip_step_flops": ref_flops,
+        "open_clip_mfu": mfu(ref_flops, ref_steps_per_s, peak), "ratio_to_open_clip": samples_per_s / ref_samples_per_s,
+    }
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    json.dump(report, sys.stdout, indent=2)
+    print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
