@@ -84,3 +84,26 @@ def make_image_shards(data_dir, counts):
         entries.append({"url": f"shards/{s:05d}.tar", "nsamples": n})
     write_json(data_dir / "shards.json", {"__kind__": "wids-shard-index-v1", "wids_version": 1, "shardlist": entries})
     return images
+
+
+TEACHER_SHAPE = (3, 8, 2, 2)  # blocks, channels, grid
+
+
+def write_features(root, shards: dict[str, list[str]]):
+    """A teacher cache whose patches encode their key: every value is int(key) / 1e9."""
+    import numpy as np
+    import webdataset as wds
+
+    from dinorankclip.io import write_json
+
+    (root / "features").mkdir(parents=True)
+    entries = []
+    for name, keys in shards.items():
+        with wds.TarWriter(str(root / "features" / name), mtime=0) as sink:
+            for key in keys:
+                sink.write({"__key__": key, "cls.npy": np.zeros(8, np.float16),
+                            "patches.npy": np.full(TEACHER_SHAPE, int(key) / 1e9, np.float16)})
+        entries.append({"url": f"features/{name}", "nsamples": len(keys)})
+    write_json(root / "features.json", {"__kind__": "wids-shard-index-v1", "wids_version": 1, "shardlist": entries})
+    write_json(root / "stats.json", {"patch_channels": TEACHER_SHAPE[1]})
+    return root / "features.json"

@@ -9,7 +9,7 @@ from helpers import tiny_world_cfg
 from PIL import Image
 
 from dinorankclip.data.download import build_shards, normalize_shards, shard_index
-from dinorankclip.data.loader import EpochPermutation
+from dinorankclip.data.loader import GlobalBatches, split_indices
 from dinorankclip.data.server import serve_directory
 from dinorankclip.data.source import build_source
 from dinorankclip.data.tsv import clean_caption_list
@@ -95,18 +95,29 @@ def test_caption_list_cleaning_reports_each_bad_row(tmp_path, caplog):
         clean_caption_list(raw, tmp_path / "clean.tsv")
 
 
-def test_epoch_order_depends_only_on_seed_epoch_and_start():
-    sampler = EpochPermutation(50, seed=7)
+def test_epoch_batches_depend_only_on_seed_epoch_and_position():
+    train, held_out = split_indices(60, 10, seed=7)
+    assert sorted(train + held_out) == list(range(60)) and split_indices(60, 10, seed=7) == (train, held_out)
+    sampler = GlobalBatches(train, 8, seed=7)
     sampler.set_position(epoch=2)
     full = list(sampler)
-    assert sorted(full) == list(range(50))
-    sampler.set_position(epoch=2, start=20)
-    assert list(sampler) == full[20:]
+    assert len(full) == 6 and all(len(b) == 8 for b in full)  # 50 // 8, ragged tail dropped
+    assert len({i for b in full for i in b}) == 48 and {i for b in full for i in b} <= set(train)
+    sampler.set_position(epoch=2, batch=4)
+    assert list(sampler) == full[4:]
     sampler.set_position(epoch=3)
     assert list(sampler) != full
-    other = EpochPermutation(50, seed=7)
-    other.set_position(epoch=2)
-    assert list(other) == full
+
+
+def test_ranks_cut_the_same_global_batches():
+    train, _ = split_indices(60, 10, seed=7)
+    single = GlobalBatches(train, 8, seed=7)
+    ranks = [GlobalBatches(train, 8, seed=7, rank=r, world=2) for r in range(2)]
+    for sampler in (single, *ranks):
+        sampler.set_position(epoch=1, batch=2)
+    assert [a + b for a, b in zip(*ranks, strict=True)] == list(single)
+    with pytest.raises(ValueError, match="not divisible by the 3 ranks"):
+        GlobalBatches(train, 8, seed=7, rank=0, world=3)
 
 
 def test_normalised_shards_are_byte_identical_whatever_order_img2dataset_wrote(downloaded, tmp_path):

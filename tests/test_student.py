@@ -1,35 +1,16 @@
 """The dual-branch student in training: teacher features read by key, distillation only with a branch L, the gate
 opening under the real objective, and the ramp that weights the distillation."""
 
-import numpy as np
 import open_clip
 import pytest
 import torch
-import webdataset as wds
-from helpers import make_image_shards, repo_params
+from helpers import TEACHER_SHAPE, make_image_shards, repo_params, write_features
 
 from dinorankclip.config import resolve
 from dinorankclip.data.loader import ShardPairs
-from dinorankclip.io import write_json
 from dinorankclip.models.clip import create_clip
 from dinorankclip.train.objective import build_objective
 from dinorankclip.train.student import Student, distill_weight
-
-TEACHER_SHAPE = (3, 8, 2, 2)  # blocks, channels, grid
-
-
-def write_features(root, shards: dict[str, list[str]]):
-    """A teacher cache whose patches encode their key: every value is int(key) / 1e9."""
-    (root / "features").mkdir(parents=True)
-    entries = []
-    for name, keys in shards.items():
-        with wds.TarWriter(str(root / "features" / name), mtime=0) as sink:
-            for key in keys:
-                sink.write({"__key__": key, "cls.npy": np.zeros(8, np.float16),
-                            "patches.npy": np.full(TEACHER_SHAPE, int(key) / 1e9, np.float16)})
-        entries.append({"url": f"features/{name}", "nsamples": len(keys)})
-    write_json(root / "features.json", {"__kind__": "wids-shard-index-v1", "wids_version": 1, "shardlist": entries})
-    return root / "features.json"
 
 
 @pytest.fixture

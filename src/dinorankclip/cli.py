@@ -7,6 +7,7 @@ atomically, records its resolved config next to the output, and is one MLflow ru
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -70,14 +71,19 @@ def cmd_teacher(cfg: dict, args, tracker) -> None:
 
 
 def cmd_pretrain(cfg: dict, args, tracker) -> None:
+    """Rank 0 writes the output directory; under torchrun the other ranks train alongside and write nothing."""
     from dinorankclip.train.pretrain import pretrain
 
-    study = cfg["study"]
-    with atomic_dir(stage_dir(study, "pretrain", cfg["run"])) as out:
+    study, run = cfg["study"], cfg["run"]
+    inputs = (stage_dir(study, "data"), {name: stage_dir(study, name) for name in TEACHER_STAGES})
+    state = state_dir(study, "pretrain", run)
+    if tracker.run_id is None:
+        pretrain(cfg, *inputs, None, tracker, state)
+        return
+    with atomic_dir(stage_dir(study, "pretrain", run)) as out:
         write_config(cfg, out)
-        pretrain(cfg, stage_dir(study, "data"), {name: stage_dir(study, name) for name in TEACHER_STAGES}, out,
-                 tracker)
-    tracker.log_artifact(stage_dir(study, "pretrain", cfg["run"]) / "metrics.json")
+        pretrain(cfg, *inputs, out, tracker, state)
+    tracker.log_artifact(stage_dir(study, "pretrain", run) / "metrics.json")
 
 
 def cmd_evaluate(cfg: dict, args, tracker) -> None:
@@ -156,11 +162,33 @@ def main(argv: list[str] | None = None) -> int:
     args.fusion_variants = {FUSION_LABELS.get(c["injection"]["variant"], c["injection"]["variant"]): run
                             for run, c in report_runs(params, cfg["study"], "fusion_ablation").items()}
     args.report_aliases = {run: f"{alias} = {run}" for alias, run in params.get("aliases", {}).items()}
-    from dinorankclip.tracking import job_run
+    from dinorankclip.train.preemption import EXIT_STATUS, Preempted
 
-    with job_run(cfg, study_dir(cfg["study"]), args.command) as tracker:
-        STAGES[args.command](cfg, args, tracker)
+    try:
+        with tracked(cfg, args.command) as tracker:
+            STAGES[args.command](cfg, args, tracker)
+    except Preempted as stop:
+        log.warning("%s", stop)
+        return EXIT_STATUS
     return 0
+
+
+@contextlib.contextmanager
+def tracked(cfg: dict, stage: str):
+    """The job's MLflow run: rank 0 only under torchrun; a preempted pretraining job continues its own run."""
+    from dinorankclip.tracking import NullTracker, job_run
+    from dinorankclip.train.ddp import launched_rank
+
+    if launched_rank() != 0:
+        yield NullTracker()
+        return
+    resume_id = None
+    if stage == "pretrain" and cfg["pretrain"]["resume"] == "latest":
+        from dinorankclip.train.pretrain import resumable_run_id
+
+        resume_id = resumable_run_id(state_dir(cfg["study"], "pretrain", cfg["run"]))
+    with job_run(cfg, study_dir(cfg["study"]), stage, resume_id) as tracker:
+        yield tracker
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from filelock import FileLock
 
 log = logging.getLogger(__name__)
 FLUSH_SECONDS = 10.0
+SYSTEM_METRICS_SECONDS = 5.0
 MAX_PARAM_LENGTH = 6000
 
 
@@ -77,41 +78,106 @@ class Tracker:
             self.client.set_tag(self.run_id, key, value)
 
 
+class NullTracker:
+    """What ranks other than 0 of a torchrun job log to: nothing (rank 0 speaks for the job)."""
+
+    run_id = None
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def log_artifact(self, path: str | os.PathLike, folder: str | None = None) -> None:
+        pass
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        pass
+
+
 def tracking_uri(study_dir: Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{study_dir.resolve() / 'mlflow.db'}"
 
 
+STUDY_ROLE_TAG = "dinorankclip.role"
+
+
+def _study_parent(client, experiment_id: str, study: str) -> str:
+    """The id of the study's parent run (created once): every job's run is its child in the MLflow UI."""
+    found = client.search_runs([experiment_id], filter_string=f"tags.`{STUDY_ROLE_TAG}` = 'study'", max_results=1)
+    if found:
+        return found[0].info.run_id
+    parent = client.create_run(experiment_id, run_name=f"study/{study}",
+                               tags={STUDY_ROLE_TAG: "study", "study": study, "mlflow.runName": f"study/{study}"})
+    client.set_terminated(parent.info.run_id, status="FINISHED")
+    return parent.info.run_id
+
+
+def _existing_run(client, run_id: str | None):
+    if run_id is None:
+        return None
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_run(run_id)
+    except MlflowException:
+        log.warning("MLflow run %s of the checkpoint is not in this store; starting a new run", run_id)
+        return None
+
+
 @contextlib.contextmanager
-def job_run(config: Mapping[str, Any], study_dir: Path, stage: str) -> Iterator[Tracker]:
-    """An MLflow run named `<stage>/<run>` in experiment `dinorankclip/<study>`; FAILED if the job raises."""
+def job_run(config: Mapping[str, Any], study_dir: Path, stage: str,
+            resume_run_id: str | None = None) -> Iterator[Tracker]:
+    """An MLflow run named `<stage>/<run>` in experiment `dinorankclip/<study>`, a child of the study's parent
+    run, with system metrics sampled alongside; FAILED if the job raises.
+
+    `resume_run_id` (the run of a job that was preempted) continues that run instead of starting a new one.
+    """
+    from mlflow.entities import Param
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
     from mlflow.tracking import MlflowClient
 
     study_dir.mkdir(parents=True, exist_ok=True)
     uri = tracking_uri(study_dir)
     experiment_name = f"dinorankclip/{config['study']}"
-    with FileLock(str(study_dir / ".mlflow.lock")):  # one job creates the schema and the experiment
+    with FileLock(str(study_dir / ".mlflow.lock")):  # one job creates the schema, the experiment and the parent
         client = MlflowClient(tracking_uri=uri)
         experiment = client.get_experiment_by_name(experiment_name)
         experiment_id = experiment.experiment_id if experiment else client.create_experiment(
             experiment_name, artifact_location=(study_dir.resolve() / "mlartifacts").as_uri())
+        parent_id = _study_parent(client, experiment_id, config["study"])
     name = f"{stage}/{config['run']}" if "run" in config else stage
-    tags = {"stage": stage, "study": config["study"], "git_commit": _git_commit(),
-            "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""), "mlflow.runName": name}
-    if "run" in config:
-        tags["run"] = config["run"]
-    run = client.create_run(experiment_id, run_name=name, tags=tags)
+    run = _existing_run(client, resume_run_id)
+    continued = run is not None
+    if continued:
+        client.update_run(run.info.run_id, status="RUNNING")
+        client.set_tag(run.info.run_id, "resumed", "true")
+    else:
+        tags = {"stage": stage, "study": config["study"], "git_commit": _git_commit(),
+                "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""), "mlflow.runName": name,
+                "mlflow.parentRunId": parent_id}
+        if "run" in config:
+            tags["run"] = config["run"]
+        run = client.create_run(experiment_id, run_name=name, tags=tags)
+        params = [Param(k, v) for k, v in flatten(config).items()]
+        for start in range(0, len(params), 100):
+            client.log_batch(run.info.run_id, params=params[start:start + 100])
     tracker = Tracker(client, run.info.run_id)
-    from mlflow.entities import Param
-
-    params = [Param(k, v) for k, v in flatten(config).items()]
-    for start in range(0, len(params), 100):
-        client.log_batch(run.info.run_id, params=params[start:start + 100])
+    monitor = SystemMetricsMonitor(run.info.run_id, sampling_interval=SYSTEM_METRICS_SECONDS,
+                                   resume_logging=continued, tracking_uri=uri)
+    monitor.start()
     status = "FAILED"
     try:
         yield tracker
         status = "FINISHED"
+    except BaseException as stop:
+        if getattr(stop, "resumable", False):  # preempted: a rerun continues this run
+            status = "KILLED"
+        raise
     finally:
         try:
+            monitor.finish()
             tracker.flush()
         finally:
             client.set_terminated(run.info.run_id, status=status)

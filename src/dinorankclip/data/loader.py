@@ -76,31 +76,58 @@ class ShardPairs(Dataset):
                      None if self.features is None else torch.stack(teacher))
 
 
-class EpochPermutation(Sampler[int]):
-    """A permutation of the dataset drawn from (seed, epoch), optionally starting part-way through."""
+def split_indices(size: int, held_out: int, seed: int) -> tuple[list[int], list[int]]:
+    """(training, held-out) sample indices: a fixed seeded draw of `held_out` samples, the same for every run."""
+    if held_out >= size:
+        raise ValueError(f"pretrain.val_samples: {held_out} leaves no training samples out of {size}")
+    order = torch.randperm(size, generator=torch.Generator().manual_seed(seed)).tolist()
+    return sorted(order[held_out:]), sorted(order[:held_out])
 
-    def __init__(self, size: int, seed: int):
-        self.size, self.seed, self.epoch, self.start = size, seed, 0, 0
 
-    def set_position(self, epoch: int, start: int = 0) -> None:
-        self.epoch, self.start = epoch, start
+class GlobalBatches(Sampler[list[int]]):
+    """This rank's slice of every global batch of an epoch, from a permutation drawn from (seed, epoch).
 
-    def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        yield from torch.randperm(self.size, generator=generator)[self.start:].tolist()
+    Every rank draws the same permutation and cuts the same global batches (the ragged tail dropped), so a step's
+    global batch does not depend on the world size; `set_position(epoch, batch)` starts part-way through an epoch,
+    which is all a resumed run needs to see the samples it would have seen.
+    """
+
+    def __init__(self, indices: list[int], batch_size: int, seed: int, rank: int = 0, world: int = 1,
+                 shuffle: bool = True):
+        if len(indices) < batch_size:
+            raise ValueError(f"pretrain.batch_size: {batch_size} exceeds the {len(indices)} samples of the split")
+        if batch_size % world:
+            raise ValueError(f"pretrain.batch_size: {batch_size} is not divisible by the {world} ranks")
+        self.indices, self.batch_size, self.seed, self.shuffle = torch.tensor(indices), batch_size, seed, shuffle
+        self.local = batch_size // world
+        self.offset = rank * self.local
+        self.epoch, self.start = 0, 0
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return len(self.indices) // self.batch_size
+
+    def set_position(self, epoch: int, batch: int = 0) -> None:
+        self.epoch, self.start = epoch, batch
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = self.indices
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = order[torch.randperm(len(order), generator=generator)]
+        for b in range(self.start, self.batches_per_epoch):
+            first = b * self.batch_size + self.offset
+            yield order[first:first + self.local].tolist()
 
     def __len__(self) -> int:
-        return self.size - self.start
+        return self.batches_per_epoch - self.start
 
 
 def _batch_as_is(batch):
     return batch
 
 
-def pair_loader(dataset: ShardPairs, batch_size: int, seed: int, workers: int) -> DataLoader:
-    """Batches of `batch_size`, dropping the ragged tail so every step sees a full global batch."""
-    if len(dataset) < batch_size:
-        raise ValueError(f"pretrain.batch_size: {batch_size} exceeds the {len(dataset)} training samples")
-    return DataLoader(dataset, batch_size=batch_size, sampler=EpochPermutation(len(dataset), seed),
-                      drop_last=True, num_workers=workers, persistent_workers=workers > 0,
+def pair_loader(dataset: ShardPairs, batches: GlobalBatches, workers: int) -> DataLoader:
+    """A loader over `batches` (this rank's slices of the global batches); samples are read a batch at a time."""
+    return DataLoader(dataset, batch_sampler=batches, num_workers=workers, persistent_workers=workers > 0,
                       collate_fn=_batch_as_is)

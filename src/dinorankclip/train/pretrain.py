@@ -1,7 +1,9 @@
-"""The pretraining loop: one flat loop for every run in the registry (nanoGPT style), CPU or GPU.
+"""The pretraining loop: one flat loop for every run in the registry (nanoGPT style), 1 process or torchrun DDP.
 
 Everything that makes two runs differ comes from the resolved config; everything else — initialisation, data
 order, batch boundaries — comes from the seed, so runs of one study are matched and a rerun is identical.
+A run survives preemption: SIGTERM/SIGUSR1 checkpoint it at the next step boundary, and the next start resumes
+from the newest checkpoint (`pretrain.resume: latest`) to the same weights an uninterrupted run reaches.
 """
 
 from __future__ import annotations
@@ -9,21 +11,29 @@ from __future__ import annotations
 import logging
 import math
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
-from dinorankclip.data.loader import ShardPairs, pair_loader
-from dinorankclip.io import read_json, write_json
+from dinorankclip.data.loader import GlobalBatches, ShardPairs, pair_loader, split_indices
+from dinorankclip.io import fingerprint, read_json, write_json
 from dinorankclip.models.clip import create_clip, export_local_dir
-from dinorankclip.tracking import Tracker
+from dinorankclip.train import checkpoint, ddp
+from dinorankclip.train.flops import mfu, peak_flops
 from dinorankclip.train.objective import build_objective
 from dinorankclip.train.optim import make_optimizer, make_schedule, param_groups
-from dinorankclip.train.student import Student, distill_loss, distill_weight, distills
+from dinorankclip.train.preemption import Preempted, stop_on_signals
+from dinorankclip.train.step import NonFiniteLoss, TrainStep, autocast, update
+from dinorankclip.train.student import Student, distills
 
 log = logging.getLogger(__name__)
-MAX_LOGIT_SCALE = math.log(100.0)
+# settings that change how a run is executed or observed, not what it computes: a checkpoint stays valid
+EXECUTION_KEYS = ("threads", "workers", "log_every", "checkpoint_every", "resume", "compile", "grad_checkpointing")
+RUN_ID_FILE = "mlflow_run.json"
 
 
 def setup_torch(seed: int, threads: int) -> torch.device:
@@ -51,82 +61,241 @@ def build_student(cfg: dict, teacher_dirs: dict[str, Path], device: torch.device
     return Student(model, width, injection["distill"]["tau"]), transform, spec, cache / "features.json"
 
 
-def pretrain(cfg: dict, data_dir: Path, teacher_dirs: dict[str, Path], out: Path, tracker: Tracker) -> dict:
+def run_fingerprint(cfg: dict, data_dir: Path) -> str:
+    """What a checkpoint was trained on: the run's computing settings and the shard index. A checkpoint of other
+    settings is never resumed."""
+    settings = {key: cfg[key] for key in ("seed", "loss", "injection", "teacher", "model")}
+    settings["pretrain"] = {k: v for k, v in cfg["pretrain"].items() if k not in EXECUTION_KEYS}
+    return fingerprint([data_dir / "shards.json"], settings)
+
+
+def resumable_run_id(state: Path) -> str | None:
+    """The MLflow run of the job that wrote the checkpoint in `state`, so a resumed job continues it."""
+    if not (state / checkpoint.LATEST).exists() or not (state / RUN_ID_FILE).exists():
+        return None
+    return read_json(state / RUN_ID_FILE)["run_id"]
+
+
+def batch_to(batch, device: torch.device):
+    teacher = batch.teacher.to(device, non_blocking=True) if batch.teacher is not None else None
+    return batch.images.to(device, non_blocking=True), batch.tokens.to(device, non_blocking=True), teacher
+
+
+@torch.no_grad()
+def validation_loss(step_module: TrainStep, dataset: ShardPairs, batches: GlobalBatches, world: ddp.World,
+                    step: int, total_steps: int, precision: str) -> float:
+    """Mean objective (incl. distillation) over the held-out global batches, in eval mode, at the current step."""
+    step_module.eval()
+    total, count = torch.zeros((), device=world.device), 0
+    for batch in pair_loader(dataset, batches, workers=0):
+        images, tokens, teacher = batch_to(batch, world.device)
+        with autocast(world.device, precision):
+            loss, _ = step_module(images, tokens, teacher, step, total_steps)
+        total, count = total + loss.float(), count + 1
+    step_module.train()
+    if world.size > 1:
+        torch.distributed.all_reduce(total)
+        total /= world.size
+    return (total / count).item()
+
+
+class Progress:
+    """What a run has done so far; saved in every checkpoint so a resumed job reports the whole run."""
+
+    def __init__(self) -> None:
+        self.step, self.seconds, self.epoch_losses, self.train_losses, self.val_losses = 0, 0.0, [], [], []
+        self.best_val, self.best_epoch, self.flops_per_step, self.resumes = math.inf, -1, 0, 0
+
+    def state_dict(self) -> dict:
+        return dict(vars(self))
+
+    def load_state_dict(self, state: dict) -> None:
+        vars(self).update(state)
+
+
+def pretrain(cfg: dict, data_dir: Path, teacher_dirs: dict[str, Path], out: Path | None, tracker,
+             state: Path) -> dict | None:
     """Train the run described by `cfg` on the shards in `data_dir` (with the teacher stage outputs in
-    `teacher_dirs` when it distils); export the model into `out`."""
-    opt, injection = cfg["pretrain"], cfg["injection"]
-    device = setup_torch(cfg["seed"], opt["threads"])
-    arch = cfg["model"]["arch"]
-    student, transform, spec, features = build_student(cfg, teacher_dirs, device)
+    `teacher_dirs` when it distils), checkpointing into `state`; rank 0 exports the model into `out`."""
+    opt = cfg["pretrain"]
+    world = ddp.init_world()
+    setup_torch(cfg["seed"], opt["threads"])
+    student, transform, spec, features = build_student(cfg, teacher_dirs, world.device)
     model = student.model
+    if opt["grad_checkpointing"]:
+        model.set_grad_checkpointing(True)
     objective = build_objective(cfg["loss"], model.text_projection.shape[1], cfg["seed"])
-    student.to(device).train()
-    objective.to(device).train()
+    step_module = TrainStep(student, objective, cfg["injection"], cfg["loss"], gather=world.size > 1)
+    step_module.to(world.device).train()
 
     import open_clip
 
-    dataset = ShardPairs(data_dir / "shards.json", transform, open_clip.get_tokenizer(arch), features)
-    loader = pair_loader(dataset, opt["batch_size"], cfg["seed"], opt["workers"])
-    steps_per_epoch = len(dataset) // opt["batch_size"]
+    dataset = ShardPairs(data_dir / "shards.json", transform, open_clip.get_tokenizer(cfg["model"]["arch"]), features)
+    train_idx, val_idx = split_indices(len(dataset), opt["val_samples"], cfg["seed"])
+    batches = GlobalBatches(train_idx, opt["batch_size"], cfg["seed"], world.rank, world.size)
+    val_batches = (GlobalBatches(val_idx, min(opt["batch_size"], len(val_idx) // world.size * world.size),
+                                 cfg["seed"], world.rank, world.size, shuffle=False) if val_idx else None)
+    loader = pair_loader(dataset, batches, opt["workers"])
+    steps_per_epoch = batches.batches_per_epoch
     total_steps = opt["epochs"] * steps_per_epoch
-    optimizer = make_optimizer(param_groups([("student", student), ("objective", objective)], opt["weight_decay"]),
-                               opt)
+    optimizer = make_optimizer(param_groups([("", step_module)], opt["weight_decay"]), opt)
     set_lr = make_schedule(optimizer, opt, total_steps)
-    log.info("%s: %d samples, %d steps of %d (%d epochs), device %s", cfg["run"], len(dataset), total_steps,
-             opt["batch_size"], opt["epochs"], device)
 
-    step, start = 0, time.perf_counter()
-    epoch_losses: list[float] = []
-    progress = tqdm(total=total_steps, desc=f"pretrain {cfg['run']}", unit="step", mininterval=5)
-    for epoch in range(opt["epochs"]):
-        loader.sampler.set_position(epoch)
-        epoch_losses = []
-        t_data = time.perf_counter()
-        for batch in loader:
-            t_step = time.perf_counter()
-            lr = set_lr(step)
-            images, tokens = batch.images.to(device, non_blocking=True), batch.tokens.to(device, non_blocking=True)
-            teacher = batch.teacher.to(device, non_blocking=True) if batch.teacher is not None else None
-            out_step = student(images, tokens, teacher)
-            loss, terms = objective(out_step.image, out_step.text, out_step.scale, step, total_steps)
-            if out_step.distill is not None:
-                kd_weight = distill_weight(injection, cfg["loss"], step, total_steps)
-                loss = loss + kd_weight * distill_loss(out_step.distill, injection)
-                terms.update({"loss/distill_feature": out_step.distill.feature.detach(),
-                              "loss/distill_relational": out_step.distill.relational.detach(),
-                              "distill_weight": kd_weight})
-            if spec is not None and spec["variant"] in ("v5", "v6"):
-                terms["gate_alpha"] = model.visual.gate.alpha.detach()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), float("inf"))
-            optimizer.step()
-            with torch.no_grad():
-                model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
-            step += 1
-            epoch_losses.append(loss.item())
-            t_end = time.perf_counter()
-            if step % opt["log_every"] == 0 or step == total_steps:
-                tracker.log_metrics({"loss": loss.item(), **{k: float(v) for k, v in terms.items()}, "lr": lr,
-                                     "logit_scale": out_step.scale.item(), "grad_norm": grad_norm.item(),
-                                     "epoch": epoch,
-                                     "samples_per_s": opt["batch_size"] / (t_end - t_data),
-                                     "data_wait_fraction": (t_step - t_data) / (t_end - t_data)}, step)
-            progress.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", refresh=False)
-            progress.update()
+    progress, stamp = Progress(), run_fingerprint(cfg, data_dir)
+    resumed = resume(state, stamp, step_module, optimizer, progress) if opt["resume"] == "latest" else False
+    if world.main:
+        write_json(state / RUN_ID_FILE, {"run_id": tracker.run_id})
+    trained = ddp.wrap(step_module, world)
+    if opt["compile"]:
+        student.compile()
+    peak, peak_source = peak_flops(world.device, opt["precision"], opt["threads"])
+    log.info("%s: %d training + %d held-out samples, %d steps of %d (%d epochs), %d rank(s) on %s%s", cfg["run"],
+             len(train_idx), len(val_idx), total_steps, opt["batch_size"], opt["epochs"], world.size, world.device,
+             f", resumed at step {progress.step}" if resumed else "")
+
+    saved_step = progress.step if resumed else "none yet"
+
+    def save(path: Path) -> None:
+        nonlocal saved_step
+        saved_step = progress.step
+        if world.main:
+            checkpoint.save(path, {"fingerprint": stamp, "modules": step_module.state_dict(),
+                                   "optimizer": optimizer.state_dict(), "rng": checkpoint.rng_state(),
+                                   "progress": progress.state_dict()})
+        ddp.barrier(world)
+
+    bar = tqdm(total=total_steps, initial=progress.step, desc=f"pretrain {cfg['run']}", unit="step",
+               mininterval=5, disable=not world.main)
+    job_start = time.perf_counter() - progress.seconds
+    with stop_on_signals() as stop:
+        for epoch in range(progress.step // steps_per_epoch, opt["epochs"]):
+            batches.set_position(epoch, progress.step % steps_per_epoch)
             t_data = time.perf_counter()
-    progress.close()
-    seconds = time.perf_counter() - start
+            for batch in loader:
+                t_step = time.perf_counter()
+                step = progress.step
+                lr = set_lr(step)
+                images, tokens, teacher = batch_to(batch, world.device)
+                with FlopCounterMode(display=False) if not progress.flops_per_step else nullcontext() as counter:
+                    with autocast(world.device, opt["precision"]):
+                        loss, terms = trained(images, tokens, teacher, step, total_steps)
+                    try:
+                        grad_norm = update(step_module, loss, optimizer, model, opt["grad_clip"])
+                    except NonFiniteLoss as err:
+                        raise NonFiniteLoss(f"{cfg['run']}: {err} at step {step}; the last good checkpoint is "
+                                            f"{state / checkpoint.LATEST} (step {saved_step})") from None
+                if counter is not None:
+                    progress.flops_per_step = counter.get_total_flops() * world.size
+                progress.step += 1
+                loss_value = ddp.mean(loss, world)  # the global-batch loss: what one process would have computed
+                progress.epoch_losses.append(loss_value)
+                t_end = time.perf_counter()
+                progress.seconds = t_end - job_start
+                step_seconds = t_end - t_data
+                if progress.step % opt["log_every"] == 0 or progress.step == total_steps:
+                    metrics = {"loss": loss_value, **{k: float(v) for k, v in terms.items()}, "lr": lr,
+                               "grad_norm": grad_norm.item(), "epoch": epoch,
+                               "samples_per_s": opt["batch_size"] / step_seconds,
+                               "samples_per_s_per_device": opt["batch_size"] / step_seconds / world.size,
+                               "data_wait_fraction": (t_step - t_data) / step_seconds,
+                               "mfu": mfu(progress.flops_per_step / world.size, 1 / step_seconds, peak)}
+                    tracker.log_metrics(metrics, progress.step)
+                    if world.main:
+                        log.info("step %d/%d epoch %d loss %.4f lr %.2e %.0f samples/s mfu %.2f%% eta %s",
+                                 progress.step, total_steps, epoch, metrics["loss"], lr, metrics["samples_per_s"],
+                                 100 * metrics["mfu"], _eta(bar))
+                bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", refresh=False)
+                bar.update()
+                preempted = ddp.any_rank(bool(stop), world)
+                if preempted or (opt["checkpoint_every"] and progress.step % opt["checkpoint_every"] == 0):
+                    save(state / checkpoint.LATEST)
+                if preempted:
+                    raise Preempted(f"{cfg['run']}: stopped by signal at step {progress.step}/{total_steps}; "
+                                    f"checkpoint {state / checkpoint.LATEST}; running the job again resumes it")
+                t_data = time.perf_counter()
+            end_epoch(progress, epoch, step_module, dataset, val_batches, world, total_steps, opt, tracker, state)
+            save(state / checkpoint.LATEST)
+    bar.close()
+    if not world.main:
+        ddp.close(world)
+        return None
+    metrics = export(cfg, model, spec, progress, state, out, world, peak, peak_source)
+    tracker.log_metrics({f"final/{k}": v for k, v in metrics.items() if isinstance(v, int | float)}, progress.step)
+    ddp.close(world)
+    return metrics
 
+
+def _eta(bar: tqdm) -> str:
+    rate = bar.format_dict.get("rate")
+    return tqdm.format_interval((bar.total - bar.n) / rate) if rate else "?"
+
+
+def resume(state: Path, stamp: str, step_module: nn.Module, optimizer: torch.optim.Optimizer,
+           progress: Progress) -> bool:
+    """Load the newest checkpoint in `state` into the modules, optimizer, RNGs and progress, if it fits."""
+    saved = checkpoint.load(state / checkpoint.LATEST)
+    if saved is None:
+        return False
+    if saved["fingerprint"] != stamp:
+        log.warning("%s was written for other settings or data; starting afresh", state / checkpoint.LATEST)
+        return False
+    step_module.load_state_dict(saved["modules"])
+    optimizer.load_state_dict(saved["optimizer"])
+    checkpoint.set_rng_state(saved["rng"])
+    progress.load_state_dict(saved["progress"])
+    progress.resumes += 1
+    return True
+
+
+def end_epoch(progress: Progress, epoch: int, step_module: TrainStep, dataset: ShardPairs,
+              val_batches: GlobalBatches | None, world: ddp.World, total_steps: int, opt: dict, tracker,
+              state: Path) -> None:
+    """Validation loss on the held-out split; the best epoch's model weights are kept in `state`."""
+    metrics = {"epoch_train_loss": sum(progress.epoch_losses) / max(len(progress.epoch_losses), 1)}
+    progress.train_losses.append(metrics["epoch_train_loss"])
+    progress.epoch_losses = []
+    if val_batches is not None:
+        val = validation_loss(step_module, dataset, val_batches, world, progress.step, total_steps,
+                              opt["precision"])
+        progress.val_losses.append(val)
+        metrics["val_loss"] = val
+        if val < progress.best_val:
+            progress.best_val, progress.best_epoch = val, epoch
+            if world.main:
+                checkpoint.save(state / checkpoint.BEST, {"model": step_module.student.model.state_dict(),
+                                                          "epoch": epoch, "val_loss": val})
+    tracker.log_metrics(metrics, progress.step)
+    if world.main:
+        log.info("epoch %d: train loss %.4f%s", epoch, metrics["epoch_train_loss"],
+                 f", validation loss {metrics['val_loss']:.4f}" if "val_loss" in metrics else "")
+
+
+def export(cfg: dict, model: nn.Module, spec: dict | None, progress: Progress, state: Path, out: Path,
+           world: ddp.World, peak: float, peak_source: str) -> dict:
+    """The final model (`model/`), the best-validation model (`best/`) and the run's metrics into `out`."""
     model.eval()
+    arch = cfg["model"]["arch"]
     (out / "model").mkdir()
     export_local_dir(model.cpu(), arch, out / "model", spec)
-    metrics = {"steps": step, "samples_seen": step * opt["batch_size"], "epochs": opt["epochs"],
-               "final_epoch_train_loss": sum(epoch_losses) / max(len(epoch_losses), 1),
-               "train_seconds": seconds, "device": str(device),
-               "device_hours": seconds / 3600 * (1 if device.type == "cuda" else opt["threads"])}
-    if spec is not None and spec["variant"] in ("v5", "v6"):
-        metrics["gate_alpha"] = model.visual.gate.alpha.item()
+    best = checkpoint.load(state / checkpoint.BEST)
+    if best is not None:
+        model.load_state_dict(best["model"])
+        (out / "best").mkdir()
+        export_local_dir(model, arch, out / "best", spec)
+    opt, device = cfg["pretrain"], world.device
+    per_device_hours = progress.seconds / 3600 * (1 if device.type == "cuda" else opt["threads"])
+    metrics = {"steps": progress.step, "samples_seen": progress.step * opt["batch_size"], "epochs": opt["epochs"],
+               "final_epoch_train_loss": progress.train_losses[-1], "val_loss": progress.val_losses,
+               "best_epoch": progress.best_epoch,
+               "best_val_loss": progress.best_val if progress.best_epoch >= 0 else None,
+               "train_seconds": progress.seconds, "device": str(device.type), "world_size": world.size,
+               "device_hours": per_device_hours * world.size,
+               "device_hours_unit": "GPU-hours" if device.type == "cuda" else "CPU-core-hours",
+               "train_flops": progress.flops_per_step * progress.step, "flops_per_step": progress.flops_per_step,
+               "peak_flops_per_device": peak, "peak_flops_source": peak_source, "resumes": progress.resumes}
+    gate = getattr(model.visual, "gate", None)
+    if gate is not None and hasattr(gate, "alpha"):
+        metrics["gate_alpha"] = gate.alpha.item()
     write_json(out / "metrics.json", metrics)
-    tracker.log_metrics({f"final/{k}": v for k, v in metrics.items() if isinstance(v, int | float)}, step)
     return metrics
+

@@ -1,0 +1,76 @@
+"""One training step of a run: the forward that gives the loss, and the update that applies it.
+
+`TrainStep` holds every trained module of a run — the student (model, distillation head, online teacher) and the
+objective (transition heads of the ranking loss) — so one DistributedDataParallel wrapper averages all their
+gradients, which the local losses need (`dinorankclip.losses.distributed`). The pretraining loop and
+`bench/step.py` both call these two functions, so the benchmark times exactly what training runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+from torch import nn
+
+from dinorankclip.train.student import Student, distill_loss, distill_weight
+
+MAX_LOGIT_SCALE = math.log(100.0)
+
+
+class NonFiniteLoss(FloatingPointError):
+    """The loss or the gradient went NaN/inf; the parameters were not updated with it."""
+
+
+class TrainStep(nn.Module):
+    """student + objective; `forward(images, tokens, teacher, step, total_steps)` → (loss, detached terms)."""
+
+    def __init__(self, student: Student, objective: nn.Module, injection: dict, loss: dict, gather: bool):
+        super().__init__()
+        self.student, self.objective = student, objective
+        self.injection, self.loss_cfg, self.gather = injection, loss, gather
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor, teacher: torch.Tensor | None, step: int,
+                total_steps: int) -> tuple[torch.Tensor, dict]:
+        out = self.student(images, tokens, teacher)
+        # the objective (and the distillation terms) run in fp32 whatever the autocast of the towers
+        with torch.autocast(device_type=images.device.type, enabled=False):
+            loss, terms = self.objective(out.image.float(), out.text.float(), out.scale.float(), step, total_steps,
+                                         gather=self.gather)
+            if out.distill is not None:
+                kd_weight = distill_weight(self.injection, self.loss_cfg, step, total_steps)
+                loss = loss + kd_weight * distill_loss(out.distill, self.injection)
+                terms.update({"loss/distill_feature": out.distill.feature.detach(),
+                              "loss/distill_relational": out.distill.relational.detach(),
+                              "distill_weight": kd_weight})
+        gate = getattr(self.student.model.visual, "gate", None)
+        if gate is not None and hasattr(gate, "alpha"):
+            terms["gate_alpha"] = gate.alpha.detach()
+        terms["logit_scale"] = out.scale.detach()
+        return loss, terms
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast on CUDA when asked; fp32 (no context) otherwise — CPU bf16 is slower than fp32 here."""
+    if device.type == "cuda" and precision == "bf16":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def update(step_module: nn.Module, loss: torch.Tensor, optimizer: torch.optim.Optimizer,
+           model: nn.Module, grad_clip: float | None) -> torch.Tensor:
+    """Backward, optional clipping, AdamW step, and the logit-scale clamp of the CLIP recipe; returns the grad norm.
+
+    Raises `NonFiniteLoss` before the optimizer step when the loss or the gradient norm is not finite. Under DDP
+    the gradients are averaged before the check, so a NaN on any rank stops every rank at the same step.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(step_module.parameters(), grad_clip or float("inf"))
+    if not (torch.isfinite(grad_norm) and torch.isfinite(loss)):
+        raise NonFiniteLoss(f"non-finite loss {loss.item()} (gradient norm {grad_norm.item()})")
+    optimizer.step()
+    with torch.no_grad():
+        model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+    return grad_norm
