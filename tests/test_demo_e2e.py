@@ -96,10 +96,18 @@ def test_mlflow_store_holds_every_job_with_its_metrics(demo):
     registry = list(repo_params()["runs"])
     jobs = ["source", "data", "teacher-weights", "teacher", "report"] + [f"{s}/{r}" for s in ("pretrain", "evaluate")
                                                                          for r in registry]
-    assert runs == dict.fromkeys(jobs, "FINISHED")
-    steps = db.execute("select count(distinct m.step) from metrics m join runs r on m.run_uuid = r.run_uuid "
-                       "where r.name = 'pretrain/clip' and m.key = 'loss'").fetchone()[0]
-    assert steps >= 10
+    assert runs == dict.fromkeys(jobs + ["study/demo"], "FINISHED")
+    parent = db.execute("select run_uuid from runs where name = 'study/demo'").fetchone()[0]
+    children = dict(db.execute("select r.name, t.value from runs r join tags t on t.run_uuid = r.run_uuid "
+                               "where t.key = 'mlflow.parentRunId'"))
+    assert children == dict.fromkeys(jobs, parent)
+    keys = dict(db.execute("select m.key, count(distinct m.step) from metrics m join runs r on "
+                           "m.run_uuid = r.run_uuid where r.name = 'pretrain/drc-r3' group by m.key"))
+    assert keys["loss"] >= 10 and keys["val_loss"] == repo_params()["studies"]["demo"]["pretrain"]["epochs"]
+    for key in ("lr", "logit_scale", "grad_norm", "samples_per_s", "samples_per_s_per_device", "data_wait_fraction",
+                "mfu", "loss/distill_feature", "gate_alpha", "final/train_flops", "final/device_hours"):
+        assert keys.get(key, 0) >= 1, key
+    assert any(k.startswith("system/cpu_utilization") for k in keys), sorted(keys)
 
 
 def test_order_sweep_table_covers_orders_zero_to_four_with_the_json_values(demo):

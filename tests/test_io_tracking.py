@@ -55,3 +55,30 @@ def test_job_run_records_params_metrics_artifacts_and_failure(tmp_path, monkeypa
     history = client.get_metric_history(runs["pretrain/clip"].info.run_id, "loss")
     assert [(m.step, m.value) for m in history] == [(0, 1.0), (1, 0.5), (2, 1 / 3)]
     assert [a.path for a in client.list_artifacts(runs["pretrain/clip"].info.run_id)] == ["art.json"]
+
+
+def test_jobs_are_children_of_one_study_run_and_a_resumed_job_continues_its_run(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from dinorankclip.train.preemption import Preempted
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    study = tmp_path / "results/demo"
+    cfg = {"study": "demo", "run": "clip", "seed": 0}
+    with pytest.raises(Preempted), job_run(cfg, study, "pretrain") as first:
+        first.log_metrics({"loss": 2.0}, 1)
+        raise Preempted("signal")
+    with job_run(cfg, study, "pretrain", resume_run_id=first.run_id) as second:
+        second.log_metrics({"loss": 1.0}, 2)
+    with job_run(cfg, study, "evaluate"):
+        pass
+    client = MlflowClient(f"sqlite:///{study / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("dinorankclip/demo").experiment_id])
+    by_name = {r.info.run_name: r for r in runs}
+    assert sorted(by_name) == ["evaluate/clip", "pretrain/clip", "study/demo"] and len(runs) == 3
+    parent = by_name["study/demo"].info.run_id
+    assert all(by_name[n].data.tags["mlflow.parentRunId"] == parent for n in ("pretrain/clip", "evaluate/clip"))
+    resumed = by_name["pretrain/clip"]
+    assert second.run_id == first.run_id == resumed.info.run_id and resumed.info.status == "FINISHED"
+    assert resumed.data.tags["resumed"] == "true"
+    assert [(m.step, m.value) for m in client.get_metric_history(first.run_id, "loss")] == [(1, 2.0), (2, 1.0)]

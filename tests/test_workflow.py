@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 from helpers import REPO, snapshot_repo, venv_env
 
+from dinorankclip.launch import training_command, training_resources
+
 TEACHER_STAGES = ("teacher_weights", "teacher")
 CODE_DEP = "src/dinorankclip"  # a DVC-only dependency: dvc.lock records which code made each artifact
 
@@ -116,3 +118,18 @@ def test_conda_env_pins_what_the_lock_pins(tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert (regenerated / "dinorankclip.yaml").read_text() == (REPO / "envs" / "dinorankclip.yaml").read_text()
+
+
+@pytest.mark.parametrize(("gpus", "nodes", "command", "resources"), [
+    (0, 1, "python -m dinorankclip --study s", {"gpu": 0, "nodes": 1, "tasks": 1, "gres": "", "mpi": ""}),
+    (8, 1, "torchrun --standalone --nproc_per_node=8 -m dinorankclip --study s",
+     {"gpu": 8, "nodes": 1, "tasks": 1, "gres": "", "mpi": ""}),
+    (4, 2, "srun torchrun --nnodes=2 --nproc_per_node=4 --rdzv_backend=c10d --rdzv_id=$SLURM_JOB_ID "
+           "--rdzv_endpoint=$(scontrol show hostnames $SLURM_JOB_NODELIST | head -n1):29500 -m dinorankclip --study s",
+     {"gpu": 0, "nodes": 2, "tasks": 2, "gres": "gpu:4", "mpi": "srun"}),
+])
+def test_training_jobs_launch_one_process_torchrun_or_srun_torchrun(gpus, nodes, command, resources):
+    pretrain = {"gpus_per_node": gpus, "nodes": nodes}
+    assert training_command(pretrain, "s") == command
+    assert training_command(pretrain, "s", "PYTHONPATH=src") == f"PYTHONPATH=src {command}"
+    assert training_resources(pretrain) == {**resources, "tasks_per_gpu": 0}

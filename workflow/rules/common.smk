@@ -4,13 +4,17 @@ import json
 import os
 
 from dinorankclip.config import resolve, run_names, teacher_stages
+from dinorankclip.launch import training_command, training_resources
 from dinorankclip.layout import stage_dir, study_dir
 
 STUDY = config["study"]
 RUNS = run_names(config)
 # Jobs import the package from this checkout, so a `conda:` env needs only the dependencies.
 SRC = os.path.relpath(os.path.join(workflow.basedir, "src"))
-CLI = f"PYTHONPATH={SRC}${{PYTHONPATH:+:$PYTHONPATH}} python -m dinorankclip --study {STUDY}"
+PACKAGE = f"PYTHONPATH={SRC}${{PYTHONPATH:+:$PYTHONPATH}}"
+CLI = f"{PACKAGE} python -m dinorankclip --study {STUDY}"
+TRAINING = config["studies"][STUDY]["pretrain"]
+TRAINING_RESOURCES = training_resources(TRAINING)
 
 
 wildcard_constraints:

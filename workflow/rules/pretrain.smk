@@ -6,9 +6,16 @@ rule pretrain:
     output:
         directory(out("pretrain", "{run}")),
     params:
-        cli=CLI,
+        cli=training_command(TRAINING, STUDY, PACKAGE),
         settings=lambda w: settings("loss", "injection", "teacher", "model", "pretrain", run=w.run),
-    threads: config["studies"][STUDY]["pretrain"]["threads"]
+    threads: TRAINING["threads"]
+    resources:
+        gpu=TRAINING_RESOURCES["gpu"],
+        nodes=TRAINING_RESOURCES["nodes"],
+        tasks=TRAINING_RESOURCES["tasks"],
+        tasks_per_gpu=TRAINING_RESOURCES["tasks_per_gpu"],
+        gres=TRAINING_RESOURCES["gres"],
+        mpi=TRAINING_RESOURCES["mpi"],
     log:
         log_file("pretrain", "{run}"),
     benchmark:
