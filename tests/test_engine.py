@@ -76,15 +76,16 @@ def signal_after(monkeypatch, steps: int, signum: int = signal.SIGTERM) -> None:
     monkeypatch.setattr(pretrain, "update", update_then_signal)
 
 
-def test_sigterm_mid_epoch_then_restart_ends_bit_identical(inputs, tmp_path, monkeypatch):
+@pytest.mark.parametrize("stop", [4, 3])  # mid-epoch (second batch of the second epoch); the last step of an epoch
+def test_sigterm_then_restart_ends_bit_identical(inputs, tmp_path, monkeypatch, stop):
     cfg = run_cfg("drc-r3")  # injection with distillation, transition heads, tie-break generator, data position
     assert cfg["injection"]["variant"] == "v5" and cfg["loss"]["order"] == 3
     uninterrupted = train(cfg, inputs, tmp_path, "once")
 
-    signal_after(monkeypatch, 4)  # step 4 of 6: the second batch of the second epoch
-    with pytest.raises(Preempted, match="stopped by signal at step 4/6"):
+    signal_after(monkeypatch, stop)
+    with pytest.raises(Preempted, match=f"stopped by signal at step {stop}/6"):
         train(cfg, inputs, tmp_path, "twice")
-    assert checkpoint.load(tmp_path / "state/twice" / checkpoint.LATEST)["progress"]["step"] == 4
+    assert checkpoint.load(tmp_path / "state/twice" / checkpoint.LATEST)["progress"]["step"] == stop
     assert not (tmp_path / "twice/model").exists()
     monkeypatch.undo()
     resumed = train(cfg, inputs, tmp_path, "twice")

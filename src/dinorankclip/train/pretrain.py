@@ -168,8 +168,8 @@ def pretrain(cfg: dict, data_dir: Path, teacher_dirs: dict[str, Path], out: Path
                mininterval=5, disable=not world.main)
     job_start = time.perf_counter() - progress.seconds
     with stop_on_signals() as stop:
-        for epoch in range(progress.step // steps_per_epoch, opt["epochs"]):
-            batches.set_position(epoch, progress.step % steps_per_epoch)
+        for epoch in range(len(progress.train_losses), opt["epochs"]):  # an epoch is done when its end is
+            batches.set_position(epoch, progress.step - epoch * steps_per_epoch)
             t_data = time.perf_counter()
             for batch in loader:
                 t_step = time.perf_counter()
