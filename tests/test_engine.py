@@ -179,3 +179,23 @@ def test_two_gloo_ranks_follow_the_one_process_loss_curve(inputs, tmp_path):
         curves[world] = result["losses"]
     assert len(curves[1]) == 3 and len(set(curves[1])) == 3
     assert curves[2] == pytest.approx(curves[1], rel=1e-5)
+
+
+def test_gradient_checkpointing_recomputes_the_same_steps(inputs, tmp_path, monkeypatch):
+    import open_clip.transformer
+
+    cfg = run_cfg("clip", epochs=1)
+    cfg["model"]["arch"] = "demo-vit-tiny"  # open_clip checkpoints transformer blocks (its ResNet ignores the flag)
+    plain = train(cfg, inputs, tmp_path, "plain")
+    real, calls = open_clip.transformer.checkpoint, [0]
+
+    def counting(*args, **kwargs):
+        calls[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(open_clip.transformer, "checkpoint", counting)
+    cfg["pretrain"]["grad_checkpointing"] = True
+    checkpointed = train(cfg, inputs, tmp_path, "checkpointed")
+    assert calls[0] > 0
+    a, b = weights(tmp_path / "plain"), weights(tmp_path / "checkpointed")
+    assert all(torch.equal(a[k], b[k]) for k in a) and plain["val_loss"] == checkpointed["val_loss"]
