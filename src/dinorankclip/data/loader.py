@@ -32,20 +32,47 @@ class Batch(NamedTuple):
     teacher: torch.Tensor | None
 
 
-def _shards(index: Path) -> wids.ShardListDataset:
+def open_shards(index: Path) -> wids.ShardListDataset:
+    """The samples of a wids shard index, by random access."""
     # identity localname: read the shards where they are instead of copying them into a cache
     return wids.ShardListDataset(str(index), localname=lambda url: url, transformations=[])
+
+
+def decode_image(sample: dict, transform: Callable) -> torch.Tensor:
+    """The sample's image (jpg, png, ...) decoded to RGB and transformed; a KeyError names a sample without one."""
+    image_key = next((k for k in IMAGE_KEYS if k in sample), None)
+    if image_key is None:
+        raise KeyError(f"{sample['__shard__']}: sample {sample['__key__']} has no image")
+    with Image.open(io.BytesIO(sample[image_key].getvalue())) as img:
+        return transform(img.convert("RGB"))
+
+
+def read_feature(features: wids.ShardListDataset, i: int, sample: dict, field: str) -> torch.Tensor:
+    """Array `field` (e.g. `.patches.npy`, `.cls.npy`) of feature sample i, which must carry the image's key."""
+    feature = features[i]
+    if feature["__key__"] != sample["__key__"] or field not in feature:
+        raise KeyError(f"teacher features out of step with the images: sample {sample['__key__']} of "
+                       f"{sample['__shard__']} meets {feature['__key__']} of {feature['__shard__']}"
+                       + ("" if field in feature else f" (no {field.lstrip('.')})"))
+    return torch.from_numpy(np.load(feature[field]))
+
+
+def check_feature_count(features: wids.ShardListDataset, shards: wids.ShardListDataset, features_index: Path,
+                        index: Path) -> None:
+    """The teacher cache holds one feature sample per image, or the caller reads the wrong features."""
+    if len(features) != len(shards):
+        raise ValueError(f"{features_index}: {len(features)} feature samples for {len(shards)} images in "
+                         f"{index}; rebuild the teacher stage")
 
 
 class ShardPairs(Dataset):
     """`Batch`es from the samples of a wids shard index, with the cached teacher features if an index is given."""
 
     def __init__(self, index: Path, transform: Callable, tokenizer: Callable, features: Path | None = None):
-        self.shards = _shards(index)
-        self.features = _shards(features) if features is not None else None
-        if self.features is not None and len(self.features) != len(self.shards):
-            raise ValueError(f"{features}: {len(self.features)} feature samples for {len(self.shards)} images in "
-                             f"{index}; rebuild the teacher stage")
+        self.shards = open_shards(index)
+        self.features = open_shards(features) if features is not None else None
+        if self.features is not None:
+            check_feature_count(self.features, self.shards, features, index)
         self.transform, self.tokenizer = transform, tokenizer
 
     def __len__(self) -> int:
@@ -53,22 +80,11 @@ class ShardPairs(Dataset):
 
     def _read(self, i: int) -> tuple[torch.Tensor, str, str, torch.Tensor | None]:
         sample = self.shards[i]
-        image_key = next((k for k in IMAGE_KEYS if k in sample), None)
-        if image_key is None or ".txt" not in sample:
-            raise KeyError(f"{sample['__shard__']}: sample {sample['__key__']} lacks an image or a caption")
-        with Image.open(io.BytesIO(sample[image_key].getvalue())) as img:
-            image = self.transform(img.convert("RGB"))
-        return image, sample[".txt"].getvalue().decode("utf-8"), sample["__key__"], self._teacher(i, sample)
-
-    def _teacher(self, i: int, sample: dict) -> torch.Tensor | None:
-        if self.features is None:
-            return None
-        feature = self.features[i]
-        if feature["__key__"] != sample["__key__"] or ".patches.npy" not in feature:
-            raise KeyError(f"teacher features out of step with the images: sample {sample['__key__']} of "
-                           f"{sample['__shard__']} meets {feature['__key__']} of {feature['__shard__']}"
-                           + ("" if ".patches.npy" in feature else " (no patches.npy)"))
-        return torch.from_numpy(np.load(feature[".patches.npy"]))
+        if ".txt" not in sample:
+            raise KeyError(f"{sample['__shard__']}: sample {sample['__key__']} has no caption")
+        teacher = None if self.features is None else read_feature(self.features, i, sample, ".patches.npy")
+        return decode_image(sample, self.transform), sample[".txt"].getvalue().decode("utf-8"), sample["__key__"], \
+            teacher
 
     def __getitems__(self, indices: list[int]) -> Batch:
         images, captions, keys, teacher = zip(*(self._read(i) for i in indices), strict=True)
@@ -97,10 +113,12 @@ def _batch_as_is(batch):
     return batch
 
 
-def pair_loader(dataset: ShardPairs, batch_size: int, seed: int, workers: int) -> DataLoader:
-    """Batches of `batch_size`, dropping the ragged tail so every step sees a full global batch."""
+def pair_loader(dataset: Dataset, batch_size: int, seed: int, workers: int,
+                key: str = "pretrain.batch_size") -> DataLoader:
+    """Batches of `batch_size` (whatever the dataset's `__getitems__` builds) in the (seed, epoch) order, dropping
+    the ragged tail so every step sees a full global batch; `key` names the batch size in errors."""
     if len(dataset) < batch_size:
-        raise ValueError(f"pretrain.batch_size: {batch_size} exceeds the {len(dataset)} training samples")
+        raise ValueError(f"{key}: {batch_size} exceeds the {len(dataset)} training samples")
     return DataLoader(dataset, batch_size=batch_size, sampler=EpochPermutation(len(dataset), seed),
                       drop_last=True, num_workers=workers, persistent_workers=workers > 0,
                       collate_fn=_batch_as_is)
