@@ -3,14 +3,18 @@ falls, bad data paths fail before any model is built, and the image-folder optio
 
 import io
 import json
+import os
+import subprocess
+import sys
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import open_clip
 import pytest
 import torch
 import yaml
-from helpers import make_image_shards, repo_params
+from helpers import free_port, make_image_shards, repo_params
 from safetensors.torch import load_file, save_file
 
 from dinorankclip.config import resolve
@@ -24,6 +28,7 @@ from dinorankclip.train import finetune as ft
 from dinorankclip.train.optim import make_optimizer, param_groups
 
 ARCH = "demo-rn-tiny"
+TORCHRUN = Path(sys.executable).with_name("torchrun")
 
 
 @pytest.fixture(autouse=True)
@@ -257,3 +262,19 @@ def test_the_fit_sample_is_seeded_and_capped():
     assert first == ft.fit_sample(1000, 50, 0) != ft.fit_sample(1000, 50, 1)
     assert len(first) == 50 and first == sorted(first)
 
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason=f"torchrun not found next to the interpreter ({TORCHRUN})")
+def test_two_ranks_align_over_the_global_batch(tmp_path):
+    """Under DDP each rank holds half the batch; the gathered kernel makes its loss the global one, and the
+    rank-averaged gradients of the tower and of (γ, c) equal the global batch's."""
+    command = [str(TORCHRUN), "--nnodes=1", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+               f"--master_port={free_port()}", str(Path(__file__).with_name("_kuea_dist_worker.py")), str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    for rank in (0, 1):
+        report = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert report["world"] == 2 and report["grad_scale"] > 1e-3
+        assert report["loss"] < 1e-12 and report["kernel"] < 1e-12
+        assert len(report["grads"]) == 4 and max(report["grads"]) < 1e-12, report  # weight, bias, log γ, log c
