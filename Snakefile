@@ -1,4 +1,5 @@
-"""dinorankclip: source -> data -> teacher features -> pretraining -> evaluation -> report (see README.md)."""
+"""dinorankclip: source -> data -> teacher features -> pretraining -> KUEA fine-tuning -> evaluation -> report
+(see README.md)."""
 
 import json
 import os
@@ -22,6 +23,7 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/teacher.smk"
 include: "workflow/rules/pretrain.smk"
+include: "workflow/rules/finetune.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
 

@@ -8,7 +8,10 @@ from dinorankclip.config import (
     PARAMS_ENV,
     ParamsError,
     deep_merge,
+    evaluated_runs,
+    finetune_stages,
     load_params,
+    model_stage,
     resolve,
     run_names,
     suite_names,
@@ -39,6 +42,12 @@ def test_repository_params_are_valid(params):
     (lambda p: p["runs"]["drc-r3"].update(injection={"variant": "v7"}), "runs.drc-r3.injection.variant: 'v7' is not"),
     (lambda p: p["aliases"].update({"drc-r9": "drc-r8"}), "aliases.drc-r9: names 'drc-r8', which is not in runs"),
     (lambda p: p["aliases"].update({"clip": "drc-r3"}), "aliases.clip: is also the name of a run"),
+    (lambda p: p["finetune_runs"].update(rankclip="clip"), "finetune_runs.rankclip: is also the name of a run"),
+    (lambda p: p["finetune_runs"].update({"x-kuea": "nope"}), "finetune_runs.x-kuea: starts from 'nope', which is not"),
+    (lambda p: p["finetune_runs"].update({"v5-kuea": "drc-r3-fusion-v5"}), "aliases are not accepted: name the run"),
+    (lambda p: p["studies"]["demo"]["finetune"].update(data={"kind": "folder"}),
+     "studies.demo.finetune.data.path: required key is missing"),
+    (lambda p: p["finetune"].update(steps=0), "finetune.steps: 0 is less than the minimum of 1"),
     (lambda p: p["studies"]["demo"]["injection"].update(taps=[0, 1]),
      "runs.drc-r0: injection.taps [0, 1] in study demo needs one tap per teacher block ([1, 2, 3])"),
 ])
@@ -108,3 +117,18 @@ def test_cli_rejects_bad_params_with_exit_code_2(params, tmp_path, capsys):
     bad.write_text(yaml.safe_dump(params))
     assert main(["--params", str(bad), "check"]) == 2
     assert "studies.demo.data.timeout: 'soon' is not of type 'number'" in capsys.readouterr().err
+
+
+def test_a_finetuned_run_resolves_to_its_start_under_its_own_name(params):
+    cfg = resolve(params, "demo", "drc-r3-kuea")
+    start = resolve(params, "demo", "drc-r3")
+    assert cfg["run"] == "drc-r3-kuea" and cfg["finetune"]["start_run"] == "drc-r3"
+    assert cfg["model"] == start["model"] and cfg["injection"] == start["injection"]  # the start's architecture
+    assert cfg["finetune"]["steps"] == params["studies"]["demo"]["finetune"]["steps"] != params["finetune"]["steps"]
+    assert cfg["finetune"]["w_kernel"] == params["finetune"]["w_kernel"]  # method default where the study is silent
+    assert resolve(params, "paper", "clip-kuea")["finetune"]["lr"] == 1e-5
+    assert "clip-kuea" not in run_names(params) and evaluated_runs(params)[-2:] == ["clip-kuea", "drc-r3-kuea"]
+    assert (model_stage(params, "clip-kuea"), model_stage(params, "clip")) == ("finetune", "pretrain")
+    assert finetune_stages(cfg) == ["data", "teacher"]
+    params["studies"]["demo"]["finetune"]["data"] = {"kind": "folder", "path": "data/imagenet/train"}
+    assert finetune_stages(resolve(params, "demo", "clip-kuea")) == ["teacher_weights"]

@@ -42,11 +42,13 @@ def job_counts(dry_run_output: str) -> dict[str, int]:
 def test_paper_dry_run_on_a_fresh_clone_lists_every_job(fresh_clone, params):
     result = run(["snakemake", "-n", "--profile", "slurm", "all", "--config", "study=paper"], fresh_clone)
     assert result.returncode == 0, result.stderr[-3000:]
-    runs = len(params["runs"])
-    assert job_counts(result.stdout) == {"all": 1, "data": 1, "evaluate": runs, "pretrain": runs, "report": 1,
-                                         "source": 1, "teacher": 1, "teacher_weights": 1,
-                                         "total": 6 + 2 * runs}
+    runs, tuned = len(params["runs"]), len(params["finetune_runs"])
+    assert tuned >= 2 and params["finetune_runs"]["clip-kuea"] == "clip"
+    assert job_counts(result.stdout) == {"all": 1, "data": 1, "evaluate": runs + tuned, "finetune": tuned,
+                                         "pretrain": runs, "report": 1, "source": 1, "teacher": 1,
+                                         "teacher_weights": 1, "total": 6 + 2 * runs + 2 * tuned}
     assert "results/paper/pretrain/clip" in result.stdout and "MissingInput" not in result.stdout + result.stderr
+    assert "input: results/paper/source, results/paper/finetune/clip-kuea" in result.stdout
 
 
 def snakemake_jobs(cwd: Path) -> dict[str, set[str]]:
@@ -88,8 +90,8 @@ def test_dvc_and_snakemake_agree_on_every_stage(fresh_clone):
         for path in inputs:
             assert any(covered(path, dep) for dep in deps), f"{output}: Snakemake input {path} missing in dvc.yaml"
         for dep in deps:
-            if "/pretrain/" in output and Path(dep).name in TEACHER_STAGES:
-                continue  # dvc.yaml lists the teacher for every run (its templates cannot select by run)
+            if ("/pretrain/" in output or "/finetune/" in output) and Path(dep).name in TEACHER_STAGES:
+                continue  # dvc.yaml lists both teacher stages for every run (its templates cannot select by run)
             assert any(covered(path, dep) for path in inputs), f"{output}: dvc.yaml dependency {dep} not in Snakefile"
 
 

@@ -15,7 +15,17 @@ from pathlib import Path
 
 import yaml
 
-from dinorankclip.config import ParamsError, canonical_run, load_params, resolve, run_names, suite_names
+from dinorankclip.config import (
+    ParamsError,
+    canonical_run,
+    evaluated_runs,
+    finetune_runs,
+    load_params,
+    model_stage,
+    resolve,
+    run_names,
+    suite_names,
+)
 from dinorankclip.io import atomic_dir, write_json
 from dinorankclip.layout import stage_dir, state_dir, study_dir
 
@@ -86,11 +96,35 @@ def cmd_pretrain(cfg: dict, args, tracker) -> None:
     tracker.log_artifact(stage_dir(study, "pretrain", run) / "metrics.json")
 
 
+def finetune_dirs(cfg: dict) -> dict[str, Path]:
+    """What the finetune stage of a fine-tuned run reads: the study's data and teacher stages, and its start run."""
+    study = cfg["study"]
+    return {**{name: stage_dir(study, name) for name in ("data",) + TEACHER_STAGES},
+            "start": stage_dir(study, "pretrain", cfg["finetune"]["start_run"])}
+
+
+def cmd_finetune(cfg: dict, args, tracker) -> None:
+    from dinorankclip.train.finetune import finetune
+
+    study = cfg["study"]
+    with atomic_dir(stage_dir(study, "finetune", cfg["run"])) as out:
+        write_config(cfg, out)
+        finetune(cfg, finetune_dirs(cfg), out, tracker, args.source)
+    tracker.log_artifact(stage_dir(study, "finetune", cfg["run"]) / "metrics.json")
+
+
+def preflight_finetune(cfg: dict, args) -> None:
+    """The finetune stage's inputs, checked before MLflow or any model is touched (a bad path is one error)."""
+    from dinorankclip.train.finetune import preflight
+
+    args.source = preflight(cfg, finetune_dirs(cfg))
+
+
 def cmd_evaluate(cfg: dict, args, tracker) -> None:
     from dinorankclip.eval.suites import evaluate_run
 
     study = cfg["study"]
-    model_dir = stage_dir(study, "pretrain", cfg["run"]) / "model"
+    model_dir = stage_dir(study, args.model_stage, cfg["run"]) / "model"
     with atomic_dir(stage_dir(study, "evaluate", cfg["run"])) as out:
         evaluate_run(cfg, model_dir, out, tracker)
     for path in sorted(stage_dir(study, "evaluate", cfg["run"]).glob("*.json")):
@@ -103,7 +137,7 @@ def cmd_report(cfg: dict, args, tracker) -> None:
     study = cfg["study"]
     with atomic_dir(stage_dir(study, "report")) as out:
         build_report(study, stage_dir(study, "evaluate"), args.runs, args.benchmarks, args.sweep_orders, out,
-                     args.fusion_variants, args.report_aliases)
+                     args.fusion_variants, args.report_aliases, args.kuea, stage_dir(study, "finetune"))
     for path in sorted(stage_dir(study, "report").iterdir()):
         tracker.log_artifact(path, "report")
     print(f"report: {stage_dir(study, 'report').resolve()}")
@@ -124,8 +158,9 @@ FUSION_LABELS = {"v1": "V1 no injection", "v2": "V2 linear residual", "v3": "V3 
 
 
 STAGES = {"source": cmd_source, "data": cmd_data, "teacher-weights": cmd_teacher_weights, "teacher": cmd_teacher,
-          "pretrain": cmd_pretrain, "evaluate": cmd_evaluate, "report": cmd_report}
-PER_RUN = {"pretrain", "evaluate"}
+          "pretrain": cmd_pretrain, "finetune": cmd_finetune, "evaluate": cmd_evaluate, "report": cmd_report}
+PER_RUN = {"pretrain", "finetune", "evaluate"}
+PREFLIGHT = {"finetune": preflight_finetune}
 TEACHER_STAGES = ("teacher_weights", "teacher")
 
 
@@ -138,9 +173,19 @@ def parser() -> argparse.ArgumentParser:
     for name in STAGES:
         s = sub.add_parser(name, help=f"run the {name} stage")
         if name in PER_RUN:
-            s.add_argument("--run", required=True, help="run name from the registry (params.yaml: runs)")
+            s.add_argument("--run", required=True, help="run name from the registry (params.yaml: runs, or "
+                                                          "finetune_runs for finetune and evaluate)")
     sub.add_parser("check", help="validate the parameters and print the runs and suites")
     return p
+
+
+def check_run_stage(params: dict, command: str, run: str | None) -> None:
+    """A fine-tuned run is made by finetune, every other run by pretrain; evaluate takes either."""
+    tuned = finetune_runs(params)
+    if command == "finetune" and run not in tuned:
+        raise ParamsError(f"finetune --run {run}: not in finetune_runs (known: {', '.join(tuned) or 'none'})")
+    if command == "pretrain" and run in tuned:
+        raise ParamsError(f"pretrain --run {run}: a fine-tuned run (finetune_runs); run the finetune stage")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,15 +194,27 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         params = load_params(args.params)
+        check_run_stage(params, args.command, getattr(args, "run", None))
         cfg = resolve(params, args.study, getattr(args, "run", None))
     except ParamsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.command == "check":
         print(f"study {cfg['study']}: runs {', '.join(run_names(params))}; "
+              f"fine-tuned {', '.join(f'{k} (from {v})' for k, v in finetune_runs(params).items()) or 'none'}; "
               f"suites {', '.join(suite_names(params, cfg['study']))}")
         return 0
-    args.runs, args.benchmarks = run_names(params), suite_names(params, cfg["study"])
+    if args.command in PREFLIGHT:
+        from dinorankclip.data.images import DataPathError
+
+        try:
+            PREFLIGHT[args.command](cfg, args)
+        except DataPathError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+    args.runs, args.benchmarks = evaluated_runs(params), suite_names(params, cfg["study"])
+    args.model_stage = model_stage(params, cfg.get("run", ""))
+    args.kuea = finetune_runs(params)
     args.sweep_orders = {run: c["loss"]["order"] for run, c in report_runs(params, cfg["study"], "order_sweep").items()}
     args.fusion_variants = {FUSION_LABELS.get(c["injection"]["variant"], c["injection"]["variant"]): run
                             for run, c in report_runs(params, cfg["study"], "fusion_ablation").items()}

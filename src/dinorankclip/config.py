@@ -1,9 +1,11 @@
 """Load, validate and resolve `params.yaml`: the single source of truth for every stage.
 
-A job's configuration is resolved in three layers: the shared method defaults (`seed`, `loss`, `injection`),
-the selected study's block (`studies.<study>`: data, model and schedule at demo or paper scale, plus optional
-partial `loss` and `injection` for scale-dependent sizes), and, for per-run stages, the run's entry in the
-registry (`runs.<run>`), which overrides any of those keys. An alias (`aliases`) resolves to the run it names.
+A job's configuration is resolved in three layers: the shared method defaults (`seed`, `loss`, `injection`,
+`finetune`), the selected study's block (`studies.<study>`: data, model and schedule at demo or paper scale, plus
+optional partial `loss`, `injection` and `finetune` for scale-dependent sizes), and, for per-run stages, the run's
+entry in the registry (`runs.<run>`), which overrides any of those keys. An alias (`aliases`) resolves to the run
+it names. A fine-tuned run (`finetune_runs`: name -> start run) resolves to its start run's configuration (same
+architecture and injection) under its own name, with `finetune.start_run` naming the start.
 """
 
 from __future__ import annotations
@@ -23,6 +25,10 @@ PARAMS_FILE = "params.yaml"
 # variable, so a job sees exactly the configuration the workflow validated.
 PARAMS_ENV = "DINORANKCLIP_PARAMS_JSON"
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "params.schema.yaml"
+
+
+# Sections with shared method defaults at the top level that a study block may partly override.
+LAYERED = ("loss", "injection", "finetune")
 
 
 class ParamsError(ValueError):
@@ -66,6 +72,12 @@ def _cross_key_problems(params: Mapping[str, Any]) -> list[str]:
     problems = []
     if params["study"] not in params["studies"]:
         problems.append(f"study: '{params['study']}' is not one of studies ({', '.join(params['studies'])})")
+    for name, start in params.get("finetune_runs", {}).items():
+        if name in params["runs"] or name in params.get("aliases", {}):
+            problems.append(f"finetune_runs.{name}: is also the name of a run or an alias")
+        if start not in params["runs"]:
+            problems.append(f"finetune_runs.{name}: starts from '{start}', which is not in runs (aliases are not "
+                            "accepted: name the run)")
     for alias, run in params.get("aliases", {}).items():
         if alias in params["runs"]:
             problems.append(f"aliases.{alias}: is also the name of a run")
@@ -121,7 +133,13 @@ def resolve(params: Mapping[str, Any], study: str | None = None, run: str | None
         raise ParamsError(f"study: '{study}' is not one of studies ({', '.join(params['studies'])})")
     block = params["studies"][study]
     config = {"study": study, "seed": params["seed"], **block,
-              **{key: deep_merge(params[key], block.get(key, {})) for key in ("loss", "injection")}}
+              **{key: deep_merge(params[key], block.get(key, {})) for key in LAYERED}}
+    start = params.get("finetune_runs", {}).get(run)
+    if start is not None:
+        config = resolve(params, study, start)
+        config["run"] = run
+        config["finetune"]["start_run"] = start
+        return config
     if run is not None:
         run = params.get("aliases", {}).get(run, run)
         if run not in params["runs"]:
@@ -134,6 +152,27 @@ def resolve(params: Mapping[str, Any], study: str | None = None, run: str | None
 def run_names(params: Mapping[str, Any]) -> list[str]:
     """Every run in the registry; each study trains and evaluates all of them (aliases are not runs)."""
     return list(params["runs"])
+
+
+def finetune_runs(params: Mapping[str, Any]) -> dict[str, str]:
+    """{fine-tuned run: the run it starts from}; the finetune stage trains them, every study evaluates them."""
+    return dict(params.get("finetune_runs", {}))
+
+
+def evaluated_runs(params: Mapping[str, Any]) -> list[str]:
+    """Every run the evaluate stage scores and the report shows: the registry, then the fine-tuned runs."""
+    return run_names(params) + list(finetune_runs(params))
+
+
+def model_stage(params: Mapping[str, Any], run: str) -> str:
+    """The stage whose output holds a run's exported model (`<stage>/<run>/model`): finetune or pretrain."""
+    return "finetune" if run in finetune_runs(params) else "pretrain"
+
+
+def finetune_stages(cfg: Mapping[str, Any]) -> list[str]:
+    """The data and teacher stages a fine-tuned run reads: the study's shards with the cached teacher CLS, or,
+    for an image folder, only the teacher's weights (the teacher then runs on each batch)."""
+    return ["data", "teacher"] if cfg["finetune"]["data"]["kind"] == "shards" else ["teacher_weights"]
 
 
 def teacher_stages(cfg: Mapping[str, Any]) -> list[str]:

@@ -3,12 +3,15 @@
 import json
 import os
 
-from dinorankclip.config import resolve, run_names, teacher_stages
+from dinorankclip.config import evaluated_runs, finetune_runs, finetune_stages, model_stage, resolve, run_names, teacher_stages
 from dinorankclip.launch import training_command, training_resources
 from dinorankclip.layout import stage_dir, study_dir
 
 STUDY = config["study"]
 RUNS = run_names(config)
+# Fine-tuned runs (KUEA) -> the run each starts from; evaluated and reported like every run in RUNS.
+FINETUNED = finetune_runs(config)
+EVALUATED = evaluated_runs(config)
 # Jobs import the package from this checkout, so a `conda:` env needs only the dependencies.
 SRC = os.path.relpath(os.path.join(workflow.basedir, "src"))
 PACKAGE = f"PYTHONPATH={SRC}${{PYTHONPATH:+:$PYTHONPATH}}"

@@ -1,8 +1,8 @@
 rule evaluate:
-    """Every suite of the study for one run, through clip-benchmark: one JSON per benchmark."""
+    """Every suite of the study for one run (pretrained or fine-tuned), through clip-benchmark: one JSON per benchmark."""
     input:
         rules.source.output,
-        rules.pretrain.output,
+        lambda w: out(model_stage(config, w.run), w.run),
     output:
         directory(out("evaluate", "{run}")),
     params:

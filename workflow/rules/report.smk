@@ -1,13 +1,15 @@
 rule report:
     """Tables (markdown, CSV) and figures (PNG, PDF) of every run on every benchmark."""
     input:
-        expand(rules.evaluate.output, run=RUNS),
+        expand(rules.evaluate.output, run=EVALUATED),
+        expand(rules.finetune.output, run=FINETUNED),
     output:
         directory(out("report")),
     params:
         cli=CLI,
         settings=lambda w: settings("evaluate"),
-        runs=RUNS,
+        runs=EVALUATED,
+        finetuned=FINETUNED,
         tables=config["report"],
     log:
         log_file("report"),

@@ -32,20 +32,47 @@ class Batch(NamedTuple):
     teacher: torch.Tensor | None
 
 
-def _shards(index: Path) -> wids.ShardListDataset:
+def open_shards(index: Path) -> wids.ShardListDataset:
+    """The samples of a wids shard index, by random access."""
     # identity localname: read the shards where they are instead of copying them into a cache
     return wids.ShardListDataset(str(index), localname=lambda url: url, transformations=[])
+
+
+def decode_image(sample: dict, transform: Callable) -> torch.Tensor:
+    """The sample's image (jpg, png, ...) decoded to RGB and transformed; a KeyError names a sample without one."""
+    image_key = next((k for k in IMAGE_KEYS if k in sample), None)
+    if image_key is None:
+        raise KeyError(f"{sample['__shard__']}: sample {sample['__key__']} has no image")
+    with Image.open(io.BytesIO(sample[image_key].getvalue())) as img:
+        return transform(img.convert("RGB"))
+
+
+def read_feature(features: wids.ShardListDataset, i: int, sample: dict, field: str) -> torch.Tensor:
+    """Array `field` (e.g. `.patches.npy`, `.cls.npy`) of feature sample i, which must carry the image's key."""
+    feature = features[i]
+    if feature["__key__"] != sample["__key__"] or field not in feature:
+        raise KeyError(f"teacher features out of step with the images: sample {sample['__key__']} of "
+                       f"{sample['__shard__']} meets {feature['__key__']} of {feature['__shard__']}"
+                       + ("" if field in feature else f" (no {field.lstrip('.')})"))
+    return torch.from_numpy(np.load(feature[field]))
+
+
+def check_feature_count(features: wids.ShardListDataset, shards: wids.ShardListDataset, features_index: Path,
+                        index: Path) -> None:
+    """The teacher cache holds one feature sample per image, or the caller reads the wrong features."""
+    if len(features) != len(shards):
+        raise ValueError(f"{features_index}: {len(features)} feature samples for {len(shards)} images in "
+                         f"{index}; rebuild the teacher stage")
 
 
 class ShardPairs(Dataset):
     """`Batch`es from the samples of a wids shard index, with the cached teacher features if an index is given."""
 
     def __init__(self, index: Path, transform: Callable, tokenizer: Callable, features: Path | None = None):
-        self.shards = _shards(index)
-        self.features = _shards(features) if features is not None else None
-        if self.features is not None and len(self.features) != len(self.shards):
-            raise ValueError(f"{features}: {len(self.features)} feature samples for {len(self.shards)} images in "
-                             f"{index}; rebuild the teacher stage")
+        self.shards = open_shards(index)
+        self.features = open_shards(features) if features is not None else None
+        if self.features is not None:
+            check_feature_count(self.features, self.shards, features, index)
         self.transform, self.tokenizer = transform, tokenizer
 
     def __len__(self) -> int:
@@ -53,22 +80,11 @@ class ShardPairs(Dataset):
 
     def _read(self, i: int) -> tuple[torch.Tensor, str, str, torch.Tensor | None]:
         sample = self.shards[i]
-        image_key = next((k for k in IMAGE_KEYS if k in sample), None)
-        if image_key is None or ".txt" not in sample:
-            raise KeyError(f"{sample['__shard__']}: sample {sample['__key__']} lacks an image or a caption")
-        with Image.open(io.BytesIO(sample[image_key].getvalue())) as img:
-            image = self.transform(img.convert("RGB"))
-        return image, sample[".txt"].getvalue().decode("utf-8"), sample["__key__"], self._teacher(i, sample)
-
-    def _teacher(self, i: int, sample: dict) -> torch.Tensor | None:
-        if self.features is None:
-            return None
-        feature = self.features[i]
-        if feature["__key__"] != sample["__key__"] or ".patches.npy" not in feature:
-            raise KeyError(f"teacher features out of step with the images: sample {sample['__key__']} of "
-                           f"{sample['__shard__']} meets {feature['__key__']} of {feature['__shard__']}"
-                           + ("" if ".patches.npy" in feature else " (no patches.npy)"))
-        return torch.from_numpy(np.load(feature[".patches.npy"]))
+        if ".txt" not in sample:
+            raise KeyError(f"{sample['__shard__']}: sample {sample['__key__']} has no caption")
+        teacher = None if self.features is None else read_feature(self.features, i, sample, ".patches.npy")
+        return decode_image(sample, self.transform), sample[".txt"].getvalue().decode("utf-8"), sample["__key__"], \
+            teacher
 
     def __getitems__(self, indices: list[int]) -> Batch:
         images, captions, keys, teacher = zip(*(self._read(i) for i in indices), strict=True)
@@ -85,7 +101,8 @@ def split_indices(size: int, held_out: int, seed: int) -> tuple[list[int], list[
 
 
 class GlobalBatches(Sampler[list[int]]):
-    """This rank's slice of every global batch of an epoch, from a permutation drawn from (seed, epoch).
+    """This rank's slice of every global batch of an epoch, from a permutation drawn from (seed, epoch); `key`
+    names the batch size in errors.
 
     Every rank draws the same permutation and cuts the same global batches (the ragged tail dropped), so a step's
     global batch does not depend on the world size; `set_position(epoch, batch)` starts part-way through an epoch,
@@ -93,11 +110,11 @@ class GlobalBatches(Sampler[list[int]]):
     """
 
     def __init__(self, indices: list[int], batch_size: int, seed: int, rank: int = 0, world: int = 1,
-                 shuffle: bool = True):
+                 shuffle: bool = True, key: str = "pretrain.batch_size"):
         if len(indices) < batch_size:
-            raise ValueError(f"pretrain.batch_size: {batch_size} exceeds the {len(indices)} samples of the split")
+            raise ValueError(f"{key}: {batch_size} exceeds the {len(indices)} samples of the split")
         if batch_size % world:
-            raise ValueError(f"pretrain.batch_size: {batch_size} is not divisible by the {world} ranks")
+            raise ValueError(f"{key}: {batch_size} is not divisible by the {world} ranks")
         self.indices, self.batch_size, self.seed, self.shuffle = torch.tensor(indices), batch_size, seed, shuffle
         self.local = batch_size // world
         self.offset = rank * self.local
@@ -127,7 +144,7 @@ def _batch_as_is(batch):
     return batch
 
 
-def pair_loader(dataset: ShardPairs, batches: GlobalBatches, workers: int) -> DataLoader:
+def pair_loader(dataset: Dataset, batches: GlobalBatches, workers: int) -> DataLoader:
     """A loader over `batches` (this rank's slices of the global batches); samples are read a batch at a time."""
     return DataLoader(dataset, batch_sampler=batches, num_workers=workers, persistent_workers=workers > 0,
                       collate_fn=_batch_as_is)

@@ -86,3 +86,8 @@ def load_local_dir(path: Path, device: str | torch.device = "cpu"):
 
 def arch_of(path: Path) -> str:
     return json.loads((Path(path) / CONFIG_FILE).read_text())["arch"]
+
+
+def injection_of(path: Path) -> dict | None:
+    """The injection spec an exported model was built with (None for a plain open_clip model)."""
+    return json.loads((Path(path) / CONFIG_FILE).read_text()).get("injection")

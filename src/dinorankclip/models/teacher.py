@@ -96,7 +96,8 @@ def teacher_features(model: nn.Module, images: torch.Tensor, blocks: list[int], 
 
 
 class OnlineTeacher(nn.Module):
-    """The frozen teacher run on each training batch (`injection.teacher: online`), instead of the cache.
+    """The frozen teacher run on each training batch (`injection.teacher: online`, or KUEA on an image folder),
+    instead of the cache.
 
     The batch arrives normalised with the student's statistics; it is mapped back to pixels and renormalised with
     ImageNet's, so the teacher sees what the cache stage would have shown it. No PCA: the distillation head
@@ -115,7 +116,16 @@ class OnlineTeacher(nn.Module):
         return super().train(False)  # frozen: always in eval mode
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(CLS [B, C], pooled patch maps [B, n, C, g, g]) in float32, as the cache stage computes them."""
         with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=images.device.type == "cuda"):
-            _, maps = teacher_features(self.model, images * self.scale + self.shift, self.blocks, self.grid)
-        return maps.float()
+            cls, maps = teacher_features(self.model, images * self.scale + self.shift, self.blocks, self.grid)
+        return cls.float(), maps.float()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """The patch maps: what branch L is distilled towards."""
+        return self.features(images)[1]
+
+    def cls(self, images: torch.Tensor) -> torch.Tensor:
+        """The CLS feature: what KUEA aligns the image tower's kernel to."""
+        return self.features(images)[0]

@@ -79,9 +79,51 @@ def fusion_ablation_table(results: dict[str, dict[str, dict]], variants: dict[st
     return table
 
 
-def to_markdown(table: pd.DataFrame) -> str:
+KERNEL_LOSS = "kernel loss"
+
+
+def load_kernel_losses(finetune_dir: Path, runs: list[str]) -> dict[str, tuple[float, float]]:
+    """{fine-tuned run: (kernel loss before, after)} from each run's metrics.json (measured on its fit sample)."""
+    losses = {}
+    for run in runs:
+        path = finetune_dir / run / "metrics.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"report: missing fine-tuning metrics {path}")
+        metrics = json.loads(path.read_text())
+        losses[run] = (metrics["kernel_loss_first"], metrics["kernel_loss_last"])
+    return losses
+
+
+def kuea_table(results: dict[str, dict[str, dict]], tuned: dict[str, str],
+               kernel_losses: dict[str, tuple[float, float]]) -> pd.DataFrame:
+    """KUEA before and after, as the KUEA paper's Tables 1-2 (w/o align, w/ align): for each fine-tuned run
+    ({fine-tuned: start}), a `before` row (its start run), an `after` row (itself) and `Δ` = after − before, over
+    every headline metric, with the kernel loss on the fit sample (first → last) as the first metric column."""
+    rows = {f"{run} {when}": name for run, start in tuned.items() for when, name in (("before", start), ("after", run))}
+    table = labelled_table(results, rows, "KUEA")
+    table.insert(1, KERNEL_LOSS, [kernel_losses[run][i] for run in tuned for i in (0, 1)])
+    blocks = []
+    for run in tuned:
+        pair = table.loc[[f"{run} before", f"{run} after"]]
+        delta = pair.select_dtypes("number").diff().iloc[[1]].set_axis([f"{run} Δ"])
+        delta.insert(0, "run", "")
+        blocks += [pair, delta]
+    return pd.concat(blocks).rename_axis("KUEA")
+
+
+def _cell(value: float, percent: bool, signed: bool) -> str:
+    if math.isnan(value):
+        return "–"
+    if percent:
+        return f"{100 * value:+.1f}" if signed else f"{100 * value:.1f}"
+    return f"{value:+.4g}" if signed else f"{value:.4g}"
+
+
+def to_markdown(table: pd.DataFrame, bold: bool = True, plain: tuple[str, ...] = (),
+                signed_rows: tuple = ()) -> str:
     """Metrics as percentages with one decimal, the best per column in bold (a `chance` row never counts);
-    text columns (e.g. the run of a sweep row) are copied as they are."""
+    text columns (e.g. the run of a sweep row) are copied as they are. `plain` columns are not percentages (four
+    significant digits); `signed_rows` (differences) print with a sign; `bold=False` marks nothing."""
     metrics = table.select_dtypes("number").drop(index="chance", errors="ignore")
     best = metrics.max(axis=0)
     header = f"| {table.index.name} | " + " | ".join(table.columns) + " |"
@@ -92,8 +134,8 @@ def to_markdown(table: pd.DataFrame) -> str:
             if col not in metrics.columns:
                 cells.append(str(value))
                 continue
-            text = "–" if math.isnan(value) else f"{100 * value:.1f}"
-            bold = label != "chance" and len(metrics) > 1 and not math.isnan(value) and value == best[col]
-            cells.append(f"**{text}**" if bold else text)
+            text = _cell(value, col not in plain, label in signed_rows)
+            marked = bold and label != "chance" and len(metrics) > 1 and not math.isnan(value) and value == best[col]
+            cells.append(f"**{text}**" if marked else text)
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
