@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from dinorankclip.io import write_json
 from dinorankclip.losses.ranking import HighOrderRankLoss
 
 DIM = 512
@@ -170,10 +171,8 @@ def main(argv: list[str] | None = None) -> dict:
         "results": results,
         "exponents": exponents,
     }
-    text = json.dumps(report, indent=2)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text + "\n")
-    print(text)
+    write_json(args.out, report)
+    print(json.dumps(report, indent=2))
     return report
 
 

@@ -193,8 +193,7 @@ def main() -> int:
         "open_clip_mfu": mfu(ref_flops, ref_steps_per_s, peak), "ratio_to_open_clip": samples_per_s / ref_samples_per_s,
     }
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        write_json(args.out, report)
     json.dump(report, sys.stdout, indent=2)
     print()
     return 0

@@ -28,6 +28,7 @@ from PIL import Image
 from dinorankclip.config import load_params, resolve
 from dinorankclip.data import features, world
 from dinorankclip.data.demo_world import jpeg_bytes
+from dinorankclip.io import write_json
 from dinorankclip.models.clip import model_config
 from dinorankclip.models.teacher import create_teacher, frozen, teacher_transform
 
@@ -99,8 +100,7 @@ def main() -> int:
         "payload_bytes_per_image": bytes_per_image,
         "cc3m_projected_gb": bytes_per_image * features.CC3M_PAIRS / 1e9,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.out, report)
     json.dump(report, sys.stdout, indent=2)
     print()
     return 0

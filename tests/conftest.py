@@ -1,4 +1,4 @@
-"""Shared fixtures: the repository and a fresh copy of its parameters."""
+"""Shared fixtures: the repository, a fresh copy of its parameters, and one torch thread."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import REPO, repo_params
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -22,3 +23,13 @@ def repo() -> Path:
 def params() -> dict:
     """A fresh copy of params.yaml, safe to modify."""
     return repo_params()
+
+
+@pytest.fixture
+def single_thread():
+    """One intra-op thread for tests of tiny tensors: on shared cores torch's thread pool stalls in spin-waits and
+    runs several times slower. Modules opt in with `pytestmark = pytest.mark.usefixtures("single_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -31,12 +31,7 @@ ARCH = "demo-rn-tiny"
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 class NullTracker:

@@ -13,14 +13,7 @@ from dinorankclip.losses.kernel import (
     normalized_poly_kernel,
 )
 
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """These matrices are tiny; one intra-op thread avoids spin-wait slowdowns when the cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _loop_reference(z, z0, zt, gamma, c, w_reg, w_kernel):

@@ -19,13 +19,7 @@ from dinorankclip.losses.schedules import constant, cosine_ramp, get_schedule, l
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """One intra-op thread: on shared cores torch's thread pool stalls in spin-waits and runs several times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _features(batch: int, dim: int, seed: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:

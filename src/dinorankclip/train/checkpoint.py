@@ -9,14 +9,14 @@ functions of it), and every RNG state. It is written to a temporary file, fsynce
 from __future__ import annotations
 
 import logging
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from dinorankclip.io import atomic_file
 
 log = logging.getLogger(__name__)
 LATEST, BEST = "latest.pt", "best.pt"
@@ -39,17 +39,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def save(path: Path, state: dict[str, Any]) -> None:
     """torch.save to a temporary file beside `path`, then one rename: `path` is always a whole checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as f:
+        torch.save(state, f)
 
 
 def load(path: Path) -> dict[str, Any] | None:

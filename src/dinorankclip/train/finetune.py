@@ -48,6 +48,7 @@ from dinorankclip.models.clip import CONFIG_FILE, arch_of, export_local_dir, inj
 from dinorankclip.tracking import Tracker
 from dinorankclip.train.optim import make_optimizer, make_schedule, param_groups
 from dinorankclip.train.pretrain import setup_torch
+from dinorankclip.train.step import autocast
 
 log = logging.getLogger(__name__)
 TeacherCLS = Callable[[ImageBatch, torch.Tensor], torch.Tensor]
@@ -82,14 +83,10 @@ def frozen_copy(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module).eval().requires_grad_(False)
 
 
-def autocast(device: torch.device):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
 def align_terms(visual: nn.Module, anchor: nn.Module, kernel: StudentKernel, images: torch.Tensor,
                 teacher_cls: torch.Tensor, finetune: dict) -> KueaTerms:
     """The KUEA loss of one (local) batch, with the kernel over the global batch under DDP."""
-    with autocast(images.device):
+    with autocast(images.device, "bf16"):
         z = visual(images)
         with torch.no_grad():
             z0 = anchor(images)
@@ -125,7 +122,7 @@ def embed(visual: nn.Module, dataset, indices: list[int], batch_size: int, teach
     for start in range(0, len(indices), batch_size):
         batch = dataset.__getitems__(indices[start:start + batch_size])
         images = batch.images.to(device)
-        with autocast(device):
+        with autocast(device, "bf16"):
             zs.append(visual(images).float())
         zts.append(teacher_cls(batch, images).float())
     return torch.cat(zs), torch.cat(zts)

@@ -27,7 +27,7 @@ from dinorankclip.train.flops import mfu, peak_flops
 from dinorankclip.train.objective import build_objective
 from dinorankclip.train.optim import make_optimizer, make_schedule, param_groups
 from dinorankclip.train.preemption import Preempted, stop_on_signals
-from dinorankclip.train.step import NonFiniteLoss, TrainStep, autocast, update
+from dinorankclip.train.step import NonFiniteLoss, TrainStep, autocast, gate_alpha, update
 from dinorankclip.train.student import Student, distills
 
 log = logging.getLogger(__name__)
@@ -293,9 +293,9 @@ def export(cfg: dict, model: nn.Module, spec: dict | None, progress: Progress, s
                "device_hours_unit": "GPU-hours" if device.type == "cuda" else "CPU-core-hours",
                "train_flops": progress.flops_per_step * progress.step, "flops_per_step": progress.flops_per_step,
                "peak_flops_per_device": peak, "peak_flops_source": peak_source, "resumes": progress.resumes}
-    gate = getattr(model.visual, "gate", None)
-    if gate is not None and hasattr(gate, "alpha"):
-        metrics["gate_alpha"] = gate.alpha.item()
+    alpha = gate_alpha(model)
+    if alpha is not None:
+        metrics["gate_alpha"] = alpha.item()
     write_json(out / "metrics.json", metrics)
     return metrics
 

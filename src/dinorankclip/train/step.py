@@ -44,11 +44,17 @@ class TrainStep(nn.Module):
                 terms.update({"loss/distill_feature": out.distill.feature.detach(),
                               "loss/distill_relational": out.distill.relational.detach(),
                               "distill_weight": kd_weight})
-        gate = getattr(self.student.model.visual, "gate", None)
-        if gate is not None and hasattr(gate, "alpha"):
-            terms["gate_alpha"] = gate.alpha.detach()
+        alpha = gate_alpha(self.student.model)
+        if alpha is not None:
+            terms["gate_alpha"] = alpha.detach()
         terms["logit_scale"] = out.scale.detach()
         return loss, terms
+
+
+def gate_alpha(model: nn.Module) -> torch.Tensor | None:
+    """The residual scale α of a gated injection (variants v5, v6); None for any other image tower."""
+    gate = getattr(model.visual, "gate", None)
+    return getattr(gate, "alpha", None)
 
 
 def autocast(device: torch.device, precision: str):
