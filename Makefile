@@ -20,8 +20,10 @@ $(CURDIR)/.tools/bin/uv:
 	python3 -m venv .tools
 	.tools/bin/pip install --quiet uv==$(UV_VERSION)
 
+# --compile-bytecode: every job imports torch/open_clip/mlflow afresh, and where PYTHONDONTWRITEBYTECODE is set
+# (as on our CI machines) Python would otherwise recompile them from source in every process (~15 s per job).
 $(VENV)/.installed: uv.lock pyproject.toml | $(UV)
-	$(UV) sync --frozen
+	$(UV) sync --frozen --compile-bytecode
 	touch $@
 
 # The whole demo study: world -> download -> teacher features -> pretraining -> evaluation -> report.
