@@ -18,6 +18,8 @@ PACKAGE = f"PYTHONPATH={SRC}${{PYTHONPATH:+:$PYTHONPATH}}"
 CLI = f"{PACKAGE} python -m dinorankclip --study {STUDY}"
 TRAINING = config["studies"][STUDY]["pretrain"]
 TRAINING_RESOURCES = training_resources(TRAINING)
+# The teacher stages gate most pretrain jobs: scheduled first, they do not wait behind runs that need no teacher.
+CRITICAL_PATH = 10
 
 
 wildcard_constraints:

@@ -9,6 +9,7 @@ rule teacher_weights:
         cli=CLI,
         settings=lambda w: settings("teacher"),
     threads: config["studies"][STUDY]["teacher"]["threads"]
+    priority: CRITICAL_PATH
     log:
         log_file("teacher_weights"),
     benchmark:
@@ -30,6 +31,7 @@ rule teacher:
         cli=CLI,
         settings=lambda w: settings("teacher", "model"),
     threads: config["studies"][STUDY]["teacher"]["threads"]
+    priority: CRITICAL_PATH
     log:
         log_file("teacher"),
     benchmark:
