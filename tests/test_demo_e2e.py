@@ -67,6 +67,11 @@ def test_table_numbers_equal_the_evaluation_jsons(demo):
     clone, _ = demo
     table = pd.read_csv(clone / "results/demo/report/main.csv", index_col="run", float_precision="round_trip")
     results = evaluations(clone)
+    compute = table.pop("compute (CPU-core-hours)")  # matched compute: the run's training, from its metrics.json
+    pretrain = json.loads((clone / "results/demo/pretrain/clip/metrics.json").read_text())
+    assert compute["clip"] == pretrain["device_hours"] > 0
+    finetune = json.loads((clone / "results/demo/finetune/clip-kuea/metrics.json").read_text())
+    assert compute["clip-kuea"] == pytest.approx(pretrain["device_hours"] + finetune["device_hours"], rel=1e-12)
     for column in table.columns:
         bench, label = column.split(" ", 1)
         key = {"top-1": "acc1", "T→I R@1": "image_retrieval_recall@1", "I→T R@1": "text_retrieval_recall@1"}[label]
