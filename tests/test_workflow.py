@@ -100,8 +100,8 @@ def test_drift_is_detected(fresh_clone, tmp_path):
     clone = tmp_path / "drift"
     shutil.copytree(fresh_clone, clone)
     text = (clone / "dvc.yaml").read_text()
-    source_then_model = "- results/${study}/source\n        - results/${study}/pretrain"
-    dropped = text.replace(source_then_model, "- results/${study}/pretrain")
+    then_model = "- results/${study}/teacher_weights\n        - results/${study}/pretrain"
+    dropped = text.replace("- results/${study}/source\n        " + then_model, then_model)
     assert dropped != text
     (clone / "dvc.yaml").write_text(dropped)
     snake, dvc = snakemake_jobs(clone), dvc_stages(clone)

@@ -127,9 +127,10 @@ def cmd_evaluate(cfg: dict, args, tracker) -> None:
     study = cfg["study"]
     model_dir = stage_dir(study, args.model_stage, cfg["run"]) / "model"
     with atomic_dir(stage_dir(study, "evaluate", cfg["run"])) as out:
-        evaluate_run(cfg, model_dir, out, tracker)
-    for path in sorted(stage_dir(study, "evaluate", cfg["run"]).glob("*.json")):
-        tracker.log_artifact(path, "evaluation")
+        evaluate_run(cfg, model_dir, out, tracker, stage_dir(study, "teacher_weights"), state_dir(study, "features"))
+    written = stage_dir(study, "evaluate", cfg["run"])
+    for path in sorted(written.rglob("*.json")):
+        tracker.log_artifact(path, str(Path("evaluation") / path.parent.relative_to(written)))
 
 
 def cmd_report(cfg: dict, args, tracker) -> None:
