@@ -98,7 +98,7 @@ def test_every_table_and_figure_is_written_in_every_format(report):
     out = report
     tables = ["main", "order_sweep", "fusion_ablation", "ood", "retrieval", "probe", "modality_gap", "kuea"]
     figures = ["main", "order_sweep", "fusion_ablation", "ood", "retrieval", "probe", "modality_gap"]
-    assert {p.name for p in out.iterdir()} == ({f"{t}.{s}" for t in tables for s in ("csv", "md", "tex")}
+    assert {p.name for p in out.iterdir()} == ({f"{t}.{s}" for t in tables for s in ("csv", "md", "tex", "html")}
                                                | {f"{f}.{s}" for f in figures for s in ("png", "pdf")})
     for figure in figures:
         assert (out / f"{figure}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -201,6 +201,7 @@ def test_tables_of_absent_runs_or_suites_are_skipped(study, tmp_path):
     out.mkdir()
     build_report(ReportSpec(study="demo", runs=["clip", "rankclip"], benchmarks=["demo-colour"]), study, out)
     assert {p.stem for p in out.iterdir()} == {"main"}
+    assert "<td><b>75.0</b></td><td>0.25</td>" in (out / "main.html").read_text()
     assert md_rows(out, "main") == ["| clip | 50.0 | 0.5 |", "| rankclip | **75.0** | 0.25 |", "| chance | 16.7 | – |"]
 
 

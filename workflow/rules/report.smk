@@ -6,7 +6,13 @@ rule report:
         expand(rules.pretrain.output, run=RUNS),
         expand(rules.finetune.output, run=FINETUNED),
     output:
-        directory(out("report")),
+        report(
+            directory(out("report")),
+            patterns=["{name}.html", "{name}.png"],
+            category="Tables and figures",
+            labels={"result": "{name}"},
+            caption="../report/results.rst",
+        ),
     params:
         cli=CLI,
         settings=lambda w: settings("evaluate"),

@@ -1,7 +1,7 @@
 """The `report` stage: every table and figure of the study, regenerated from the evaluation JSONs.
 
-Each table is written as CSV (the exact JSON values), markdown and LaTeX, each figure as PNG and PDF. A table whose
-runs or suites are not in the study is skipped, so a reduced study still reports.
+Each table is written as CSV (the exact JSON values), markdown, LaTeX and HTML, each figure as PNG and PDF. A table
+whose runs or suites are not in the study is skipped, so a reduced study still reports.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from dinorankclip.report.figures import comparison_bars, gap_nodes, order_sweep_lines
-from dinorankclip.report.render import DEFAULT, Style, to_latex, to_markdown
+from dinorankclip.report.render import DEFAULT, Style, to_html, to_latex, to_markdown
 from dinorankclip.report.tables import (
     KERNEL_LOSS,
     compute_label,
@@ -55,11 +55,12 @@ class ReportSpec:
 
 
 def write_table(table: pd.DataFrame, title: str, stem: Path, style: Style = DEFAULT) -> list[Path]:
-    """CSV (exact values: the shortest repr that round-trips), markdown and LaTeX of `table`."""
-    paths = [stem.with_suffix(s) for s in (".csv", ".md", ".tex")]
+    """CSV (exact values: the shortest repr that round-trips), markdown, LaTeX and HTML of `table`."""
+    paths = [stem.with_suffix(s) for s in (".csv", ".md", ".tex", ".html")]
     table.to_csv(paths[0])
     paths[1].write_text(f"# {title}\n\n" + to_markdown(table, style))
     paths[2].write_text(to_latex(table, title, style))
+    paths[3].write_text(to_html(table, title, style))
     return paths
 
 

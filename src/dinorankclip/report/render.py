@@ -1,10 +1,12 @@
-"""A report table as text: markdown (to read) and LaTeX (to paste into a paper), from one set of formatted cells.
+"""A report table as text: markdown (to read), LaTeX (to paste into a paper) and HTML (for `snakemake --report`),
+from one set of formatted cells.
 
-Both renderers share `formatted`, so a number and its bold mark can never differ between the two files.
+The renderers share `formatted`, so a number and its bold mark can never differ between the files.
 """
 
 from __future__ import annotations
 
+import html
 import math
 from dataclasses import dataclass
 
@@ -81,3 +83,17 @@ def to_latex(table: pd.DataFrame, title: str, style: Style = DEFAULT) -> str:
     return "\n".join([r"\begin{table}[t]", r"\centering", rf"\caption{{{latex_escape(title)}}}",
                       rf"\begin{{tabular}}{{{spec}}}", r"\toprule", head + r" \\", r"\midrule", *body,
                       r"\bottomrule", r"\end{tabular}", r"\end{table}"]) + "\n"
+
+
+def to_html(table: pd.DataFrame, title: str, style: Style = DEFAULT) -> str:
+    """A standalone HTML page holding the table (what Snakemake's report shows in its viewer)."""
+    esc = html.escape
+    head = "".join(f"<th>{esc(str(c))}</th>" for c in [table.index.name or "", *table.columns])
+    rows = "".join(f"<tr><th>{esc(label)}</th>"
+                   + "".join(f"<td><b>{esc(t)}</b></td>" if b else f"<td>{esc(t)}</td>" for t, b in cells) + "</tr>"
+                   for label, cells in formatted(table, style))
+    css = ("table{border-collapse:collapse;font:13px sans-serif}th,td{padding:3px 8px;border-bottom:1px solid #ccc}"
+           "td{text-align:right}")
+    return (f"<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>{esc(title)}</title><style>{css}</style>"
+            f"</head><body><h3>{esc(title)}</h3><table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+            "</body></html>\n")
