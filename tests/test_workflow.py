@@ -48,7 +48,8 @@ def test_paper_dry_run_on_a_fresh_clone_lists_every_job(fresh_clone, params):
                                          "pretrain": runs, "report": 1, "source": 1, "teacher": 1,
                                          "teacher_weights": 1, "total": 6 + 2 * runs + 2 * tuned}
     assert "results/paper/pretrain/clip" in result.stdout and "MissingInput" not in result.stdout + result.stderr
-    assert "input: results/paper/source, results/paper/finetune/clip-kuea" in result.stdout
+    evaluate_inputs = "results/paper/source, results/paper/teacher_weights, results/paper/finetune/clip-kuea"
+    assert f"input: {evaluate_inputs}" in result.stdout
 
 
 def snakemake_jobs(cwd: Path) -> dict[str, set[str]]:
