@@ -27,7 +27,7 @@ def tiny_world_cfg() -> dict:
 
     cfg = resolve(repo_params(), "demo")
     cfg["source"]["port"] = free_port()
-    cfg["source"]["world"].update(train_scenes=40, eval_size=24, retrieval_size=10, dead_links=3,
+    cfg["source"]["world"].update(train_scenes=40, eval_size=24, retrieval_size=10, probe_train_size=10, dead_links=3,
                                   corrupt_files=4, malformed_rows=4)
     cfg["data"].update(shard_size=16, processes=1, threads=4)
     return cfg

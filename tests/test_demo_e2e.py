@@ -67,6 +67,11 @@ def test_table_numbers_equal_the_evaluation_jsons(demo):
     clone, _ = demo
     table = pd.read_csv(clone / "results/demo/report/main.csv", index_col="run", float_precision="round_trip")
     results = evaluations(clone)
+    compute = table.pop("compute (CPU-core-hours)")  # matched compute: the run's training, from its metrics.json
+    pretrain = json.loads((clone / "results/demo/pretrain/clip/metrics.json").read_text())
+    assert compute["clip"] == pretrain["device_hours"] > 0
+    finetune = json.loads((clone / "results/demo/finetune/clip-kuea/metrics.json").read_text())
+    assert compute["clip-kuea"] == pytest.approx(pretrain["device_hours"] + finetune["device_hours"], rel=1e-12)
     for column in table.columns:
         bench, label = column.split(" ", 1)
         key = {"top-1": "acc1", "T→I R@1": "image_retrieval_recall@1", "I→T R@1": "text_retrieval_recall@1"}[label]
@@ -201,3 +206,16 @@ def test_demo_from_scratch_again_gives_byte_identical_evaluations(demo):
     shutil.rmtree(clone / ".snakemake")
     sh(["snakemake"] + [f"results/demo/evaluate/{r}" for r in runs], clone, timeout=DEMO_TIMEOUT, activate=True)
     assert snapshot() == first and len(first) == 2 * 6
+
+
+def test_probe_and_modality_gap_cover_every_run_with_the_json_values(demo):
+    clone, _ = demo
+    runs = list(repo_params()["runs"]) + list(repo_params()["finetune_runs"])
+    probe = pd.read_csv(clone / "results/demo/report/probe.csv", index_col="run", float_precision="round_trip")
+    gap = pd.read_csv(clone / "results/demo/report/modality_gap.csv", index_col="run", float_precision="round_trip")
+    assert list(gap.index) == runs and list(probe.index) == runs + ["chance"]
+    for run in ("clip", "drc-r3"):
+        result = json.loads((clone / f"results/demo/evaluate/{run}/linear_probe/demo-shape.json").read_text())
+        assert probe.loc[run, "demo-shape linear probe"] == result["metrics"]["lp_acc1"]
+    assert pd.isna(gap.loc["clip", "d(z_g, z)"]) and gap.loc["drc-r3", "d(z_g, z)"] >= 0  # z_g only when injected
+    assert (clone / "results/demo/report/modality_gap.png").stat().st_size > 10_000

@@ -48,7 +48,8 @@ def test_paper_dry_run_on_a_fresh_clone_lists_every_job(fresh_clone, params):
                                          "pretrain": runs, "report": 1, "source": 1, "teacher": 1,
                                          "teacher_weights": 1, "total": 6 + 2 * runs + 2 * tuned}
     assert "results/paper/pretrain/clip" in result.stdout and "MissingInput" not in result.stdout + result.stderr
-    assert "input: results/paper/source, results/paper/finetune/clip-kuea" in result.stdout
+    evaluate_inputs = "results/paper/source, results/paper/teacher_weights, results/paper/finetune/clip-kuea"
+    assert f"input: {evaluate_inputs}" in result.stdout
 
 
 def snakemake_jobs(cwd: Path) -> dict[str, set[str]]:
@@ -100,8 +101,8 @@ def test_drift_is_detected(fresh_clone, tmp_path):
     clone = tmp_path / "drift"
     shutil.copytree(fresh_clone, clone)
     text = (clone / "dvc.yaml").read_text()
-    source_then_model = "- results/${study}/source\n        - results/${study}/pretrain"
-    dropped = text.replace(source_then_model, "- results/${study}/pretrain")
+    then_model = "- results/${study}/teacher_weights\n        - results/${study}/pretrain"
+    dropped = text.replace("- results/${study}/source\n        " + then_model, then_model)
     assert dropped != text
     (clone / "dvc.yaml").write_text(dropped)
     snake, dvc = snakemake_jobs(clone), dvc_stages(clone)

@@ -1,6 +1,7 @@
 """The demo world: seeded, grammatical, and its suites label what the images show."""
 
 import random
+import tarfile
 
 import numpy as np
 import pytest
@@ -92,3 +93,23 @@ def test_classification_suites_are_balanced_and_correctly_labelled(name):
 def test_retrieval_suite_pairs_each_image_with_its_description():
     suite = SUITES["demo-retrieval"](random.Random(0), 20)
     assert all(captions == [w.full_description(scene)] for scene, captions in suite.items)
+
+
+def test_probe_train_split_leaves_every_test_split_as_it_was(tmp_path):
+    """The probe suite's train split comes from its own generator: adding it changes no test split (so zero-shot
+    numbers stay comparable), and it is written in clip-benchmark's layout."""
+    from dinorankclip.data.demo_world import write_demo_world
+
+    spec = {"image_size": 32, "port": 1, "train_scenes": 3, "dead_links": 0, "corrupt_files": 0, "malformed_rows": 0,
+            "eval_size": 25, "retrieval_size": 10}
+    write_demo_world(tmp_path / "without", {**spec, "probe_train_size": 0}, seed=0)
+    write_demo_world(tmp_path / "with", {**spec, "probe_train_size": 15}, seed=0)
+    tests = sorted(p.relative_to(tmp_path / "with") for p in (tmp_path / "with" / "eval").rglob("test/0.tar"))
+    assert len(tests) == 6
+    for rel in tests:
+        assert (tmp_path / "with" / rel).read_bytes() == (tmp_path / "without" / rel).read_bytes(), rel
+    train = sorted(p.parent.parent.name for p in (tmp_path / "with" / "eval").rglob("train/0.tar"))
+    assert train == ["wds_demo-shape"] and not list((tmp_path / "without" / "eval").rglob("train"))
+    assert (tmp_path / "with" / "eval" / "wds_demo-shape" / "train" / "nshards.txt").read_text() == "1\n"
+    with tarfile.open(tmp_path / "with" / "eval" / "wds_demo-shape" / "train" / "0.tar") as tar:
+        assert sum(name.endswith(".cls") for name in tar.getnames()) == 15

@@ -17,6 +17,7 @@ import yaml
 
 from dinorankclip.config import (
     ParamsError,
+    benchmark_name,
     canonical_run,
     evaluated_runs,
     finetune_runs,
@@ -126,9 +127,10 @@ def cmd_evaluate(cfg: dict, args, tracker) -> None:
     study = cfg["study"]
     model_dir = stage_dir(study, args.model_stage, cfg["run"]) / "model"
     with atomic_dir(stage_dir(study, "evaluate", cfg["run"])) as out:
-        evaluate_run(cfg, model_dir, out, tracker)
-    for path in sorted(stage_dir(study, "evaluate", cfg["run"]).glob("*.json")):
-        tracker.log_artifact(path, "evaluation")
+        evaluate_run(cfg, model_dir, out, tracker, stage_dir(study, "teacher_weights"), state_dir(study, "features"))
+    written = stage_dir(study, "evaluate", cfg["run"])
+    for path in sorted(written.rglob("*.json")):
+        tracker.log_artifact(path, str(Path("evaluation") / path.parent.relative_to(written)))
 
 
 def cmd_report(cfg: dict, args, tracker) -> None:
@@ -136,11 +138,28 @@ def cmd_report(cfg: dict, args, tracker) -> None:
 
     study = cfg["study"]
     with atomic_dir(stage_dir(study, "report")) as out:
-        build_report(study, stage_dir(study, "evaluate"), args.runs, args.benchmarks, args.sweep_orders, out,
-                     args.fusion_variants, args.report_aliases, args.kuea, stage_dir(study, "finetune"))
+        build_report(args.report_spec, study_dir(study), out)
     for path in sorted(stage_dir(study, "report").iterdir()):
         tracker.log_artifact(path, "report")
     print(f"report: {stage_dir(study, 'report').resolve()}")
+
+
+def report_spec(params: dict, cfg: dict):
+    """What the study's report shows: every evaluated run on every suite, and the tables whose runs exist."""
+    from dinorankclip.report.build import ReportSpec
+
+    study, ev = cfg["study"], cfg["evaluate"]
+    return ReportSpec(
+        study=study, runs=evaluated_runs(params), benchmarks=suite_names(params, study),
+        sweep_orders={run: c["loss"]["order"] for run, c in report_runs(params, study, "order_sweep").items()},
+        fusion_variants={FUSION_LABELS.get(c["injection"]["variant"], c["injection"]["variant"]): run
+                         for run, c in report_runs(params, study, "fusion_ablation").items()},
+        aliases={run: f"{alias} = {run}" for alias, run in params.get("aliases", {}).items()},
+        kuea=finetune_runs(params),
+        retrieval=[benchmark_name(s["dataset"]) for s in ev["suites"] if s["task"] == "zeroshot_retrieval"],
+        ood=[benchmark_name(s["dataset"]) for s in ev["suites"] if s.get("group") == "ood"],
+        probes=[benchmark_name(d) for d in ev.get("linear_probe", {}).get("datasets", [])],
+        gap=benchmark_name(ev["modality_gap"]["dataset"]) if ev.get("modality_gap") else None)
 
 
 def report_runs(params: dict, study: str, table: str) -> dict[str, dict]:
@@ -212,13 +231,9 @@ def main(argv: list[str] | None = None) -> int:
         except DataPathError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
-    args.runs, args.benchmarks = evaluated_runs(params), suite_names(params, cfg["study"])
     args.model_stage = model_stage(params, cfg.get("run", ""))
-    args.kuea = finetune_runs(params)
-    args.sweep_orders = {run: c["loss"]["order"] for run, c in report_runs(params, cfg["study"], "order_sweep").items()}
-    args.fusion_variants = {FUSION_LABELS.get(c["injection"]["variant"], c["injection"]["variant"]): run
-                            for run, c in report_runs(params, cfg["study"], "fusion_ablation").items()}
-    args.report_aliases = {run: f"{alias} = {run}" for alias, run in params.get("aliases", {}).items()}
+    if args.command == "report":
+        args.report_spec = report_spec(params, cfg)
     from dinorankclip.train.preemption import EXIT_STATUS, Preempted
 
     try:

@@ -1,10 +1,18 @@
 rule report:
-    """Tables (markdown, CSV) and figures (PNG, PDF) of every run on every benchmark."""
+    """Tables (CSV, markdown, LaTeX) and figures (PNG, PDF) of every run on every benchmark, the matched-compute
+    column from the training metrics."""
     input:
         expand(rules.evaluate.output, run=EVALUATED),
+        expand(rules.pretrain.output, run=RUNS),
         expand(rules.finetune.output, run=FINETUNED),
     output:
-        directory(out("report")),
+        report(
+            directory(out("report")),
+            patterns=["{name}.html", "{name}.png"],
+            category="Tables and figures",
+            labels={"result": "{name}"},
+            caption="../report/results.rst",
+        ),
     params:
         cli=CLI,
         settings=lambda w: settings("evaluate"),

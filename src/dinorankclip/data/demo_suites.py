@@ -91,6 +91,10 @@ def retrieval_suite(rng: random.Random, size: int) -> Suite:
     return Suite("demo-retrieval", "zeroshot_retrieval", items)
 
 
+# Suites that also get a `train` split (from their own generator, so the test splits stay as they are): the demo's
+# linear-probe suites, mirroring the paper's fine-grained probe (shape is the demo's fine-grained attribute).
+PROBE_SUITES = ("demo-shape",)
+
 SUITES: dict[str, Callable[[random.Random, int], Suite]] = {
     "demo-colour": colour_suite,
     "demo-shape": shape_suite,

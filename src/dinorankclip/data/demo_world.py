@@ -18,7 +18,7 @@ import webdataset as wds
 from tqdm import tqdm
 
 from dinorankclip.data import world as w
-from dinorankclip.data.demo_suites import SUITES, Suite
+from dinorankclip.data.demo_suites import PROBE_SUITES, SUITES, Suite
 
 log = logging.getLogger(__name__)
 JPEG_QUALITY = 95
@@ -50,10 +50,10 @@ def _malformed_rows(rng: random.Random, base: str) -> list[str]:
     ]
 
 
-def write_eval_suite(suite: Suite, root: Path, image_size: int) -> None:
-    """One suite in clip-benchmark's local webdataset layout (root = the suite's dataset_root)."""
-    (root / "test").mkdir(parents=True)
-    with wds.TarWriter(str(root / "test" / "0.tar"), mtime=0) as sink:
+def write_eval_suite(suite: Suite, root: Path, image_size: int, split: str = "test") -> None:
+    """One split of a suite in clip-benchmark's local webdataset layout (root = the suite's dataset_root)."""
+    (root / split).mkdir(parents=True)
+    with wds.TarWriter(str(root / split / "0.tar"), mtime=0) as sink:
         for i, (scene, target) in enumerate(suite.items):
             sample = {"__key__": f"s{i:07d}", "jpg": jpeg_bytes(w.render(scene, image_size))}
             if suite.task == "zeroshot_retrieval":
@@ -61,7 +61,7 @@ def write_eval_suite(suite: Suite, root: Path, image_size: int) -> None:
             else:
                 sample["cls"] = target
             sink.write(sample)
-    (root / "test" / "nshards.txt").write_text("1\n")
+    (root / split / "nshards.txt").write_text("1\n")
     if suite.task == "zeroshot_retrieval":
         (root / "dataset_type.txt").write_text("retrieval\n")
     else:
@@ -109,6 +109,9 @@ def write_demo_world(out: Path, spec: dict, seed: int) -> dict:
     for name, make in SUITES.items():
         size_key = "retrieval_size" if name == "demo-retrieval" else "eval_size"
         write_eval_suite(make(suite_rng, spec[size_key]), out / "eval" / f"wds_{name}", size)
+    train_rng = random.Random(seed + 2)
+    for name in PROBE_SUITES if spec["probe_train_size"] else ():
+        write_eval_suite(SUITES[name](train_rng, spec["probe_train_size"]), out / "eval" / f"wds_{name}", size, "train")
 
     planted = {"train_images": spec["train_scenes"], "corrupt_files": spec["corrupt_files"],
                "dead_links": spec["dead_links"], "malformed_rows": spec["malformed_rows"]}

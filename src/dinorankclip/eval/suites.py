@@ -2,7 +2,9 @@
 
 Datasets are built by clip-benchmark's `build_dataset` from a `dataset_root` template (`{dataset_cleaned}` as in
 its CLI), and each result is written in the schema of `clip_benchmark eval --dump_classnames`, so the files can
-be compared with, or aggregated by, the stock tool (`clip_benchmark build`).
+be compared with, or aggregated by, the stock tool (`clip_benchmark build`). Layout of a run's results:
+`<benchmark>.json` (zero-shot), `linear_probe/<benchmark>.json` (the probe, clip-benchmark's linear_probe
+schema) and `modality_gap/<benchmark>.json` (the gap analysis, `dinorankclip.eval.modality_gap`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ from clip_benchmark.datasets.builder import build_dataset
 from torch.utils.data import DataLoader
 
 from dinorankclip.config import benchmark_name
+from dinorankclip.eval.features import cached_features, featurize
+from dinorankclip.eval.linear_probe import linear_probe
+from dinorankclip.eval.modality_gap import gap_analysis, paired_embeddings
 from dinorankclip.eval.zeroshot import classification_metrics, retrieval_metrics
 from dinorankclip.io import write_json
 from dinorankclip.models.clip import arch_of, load_local_dir
@@ -34,13 +39,22 @@ def _loader(dataset, batch_size: int, workers: int) -> DataLoader:
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
 
 
-def evaluate_suite(model, transform, tokenizer, suite: dict, ev: dict, device: str) -> dict:
-    root = dataset_root(ev["dataset_root"], suite["dataset"])
-    if not Path(root).exists() and "://" not in root:
-        raise FileNotFoundError(f"evaluate: dataset {suite['dataset']} not found at {root} "
+def build(dataset: str, task: str, ev: dict, transform, split: str = "test"):
+    """clip-benchmark's dataset `dataset` (split `split`) under the study's dataset_root, or one error naming
+    where it was looked for."""
+    root = dataset_root(ev["dataset_root"], dataset)
+    local = "://" not in root
+    if local and not Path(root).exists():
+        raise FileNotFoundError(f"evaluate: dataset {dataset} not found at {root} "
                                 f"(see README 'Evaluation datasets' for the dataset_root layout)")
-    dataset = build_dataset(dataset_name=suite["dataset"], root=root, transform=transform, split="test",
-                            task=suite["task"], download=False)
+    if local and dataset.startswith("wds/") and not (Path(root) / split / "nshards.txt").is_file():
+        raise FileNotFoundError(f"evaluate: dataset {dataset} has no {split} split at {root}/{split} "
+                                f"(clip-benchmark's layout needs {split}/nshards.txt and {split}/0.tar ...)")
+    return build_dataset(dataset_name=dataset, root=root, transform=transform, split=split, task=task, download=False)
+
+
+def evaluate_suite(model, transform, tokenizer, suite: dict, ev: dict, device: str) -> dict:
+    dataset = build(suite["dataset"], suite["task"], ev, transform)
     loader = _loader(dataset, ev["batch_size"], ev["workers"])
     amp = device == "cuda"
     result = {"dataset": suite["dataset"], "task": suite["task"], "language": "en"}
@@ -55,20 +69,75 @@ def evaluate_suite(model, transform, tokenizer, suite: dict, ev: dict, device: s
     return result
 
 
-def evaluate_run(cfg: dict, model_dir: Path, out: Path, tracker) -> dict[str, dict]:
-    """Evaluate the exported model in `model_dir` on every suite; write `<benchmark>.json` files into `out`."""
+def evaluate_probe(model, transform, dataset: str, ev: dict, device: str, seed: int, model_dir: Path,
+                   cache_dir: Path | None) -> dict:
+    """clip-benchmark's linear probe on `dataset` (train split -> test split), features cached per checkpoint."""
+    probe = ev["linear_probe"]
+    splits = {}
+    for split in (probe["train_split"], "test"):
+        data = build(dataset, "linear_probe", ev, transform, split)
+        loader = _loader(data, ev["batch_size"], ev["workers"])
+        splits[split] = cached_features(cache_dir, model_dir, f"{dataset}:{split}:normalized",
+                                        lambda loader=loader: featurize(model, loader, device))
+    metrics = linear_probe(*splits[probe["train_split"]], *splits["test"], probe, seed, device)
+    return {"dataset": dataset, "task": "linear_probe", "language": "en", "metrics": metrics,
+            "classnames": list(data.classes)}
+
+
+def evaluate_gap(model, transform, tokenizer, cfg: dict, device: str, teacher_weights: Path) -> dict:
+    """The modality-gap analysis on the pairs of `evaluate.modality_gap.dataset`, with the study's frozen teacher
+    (fed the images at its own input size, as the cache stage feeds it)."""
+    from dinorankclip.models.teacher import WEIGHTS_FILE, OnlineTeacher, load_teacher
+
+    ev, gap, teacher = cfg["evaluate"], cfg["evaluate"]["modality_gap"], cfg["teacher"]
+    data = build(gap["dataset"], "zeroshot_retrieval", ev, transform)
+    model_t = load_teacher(teacher, teacher_weights / WEIGHTS_FILE, torch.device(device))
+    online = OnlineTeacher(model_t, teacher["blocks"], teacher["grid"], model.visual.preprocess_cfg["mean"],
+                           model.visual.preprocess_cfg["std"]).to(device)
+    size = tuple(model_t.patch_embed.img_size)
+
+    def teacher_cls(images: torch.Tensor) -> torch.Tensor:
+        if tuple(images.shape[-2:]) != size:
+            images = torch.nn.functional.interpolate(images, size=size, mode="bicubic", antialias=True)
+        return online.cls(images)
+
+    loader = _loader(data, ev["batch_size"], ev["workers"])
+    embeddings = paired_embeddings(model, teacher_cls, loader, tokenizer, device, gap["pairs"])
+    analysis = gap_analysis(embeddings["text"], embeddings["z"], embeddings["teacher_cls"], embeddings.get("z_g"),
+                            gap["fit_fraction"])
+    return {"dataset": gap["dataset"], "task": "modality_gap", "language": "en", **analysis}
+
+
+def evaluate_run(cfg: dict, model_dir: Path, out: Path, tracker, teacher_weights: Path | None = None,
+                 cache_dir: Path | None = None) -> dict[str, dict]:
+    """Evaluate the exported model in `model_dir` on every suite, the linear probes and the modality gap (when
+    the study declares them); write the JSONs into `out` (layout in the module doc). `cache_dir` keeps the probe
+    features per checkpoint; `teacher_weights` is the teacher_weights stage's output (for the gap analysis)."""
     ev = cfg["evaluate"]
     torch.manual_seed(cfg["seed"])
     torch.set_num_threads(ev["threads"])
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, transform, tokenizer = load_local_dir(model_dir, device)
+    identity = {"model": arch_of(model_dir), "pretrained": str(model_dir)}
     results = {}
+
+    def record(kind: str, name: str, result: dict) -> None:
+        result.update(identity)
+        write_json(out / kind / f"{name}.json", result)
+        prefix = f"{kind}/{name}" if kind else name
+        tracker.log_metrics({f"{prefix}/{k}": v for k, v in result["metrics"].items()
+                             if isinstance(v, int | float) and not isinstance(v, bool)}, step=0)
+        log.info("%s %s: %s", cfg["run"], prefix, result["metrics"])
+        results[prefix] = result
+
     for suite in ev["suites"]:
-        name = benchmark_name(suite["dataset"])
-        result = evaluate_suite(model, transform, tokenizer, suite, ev, device)
-        result.update(model=arch_of(model_dir), pretrained=str(model_dir))
-        write_json(out / f"{name}.json", result)
-        tracker.log_metrics({f"{name}/{k}": v for k, v in result["metrics"].items()}, step=0)
-        log.info("%s %s: %s", cfg["run"], name, result["metrics"])
-        results[name] = result
+        record("", benchmark_name(suite["dataset"]), evaluate_suite(model, transform, tokenizer, suite, ev, device))
+    for dataset in ev.get("linear_probe", {}).get("datasets", []):
+        record("linear_probe", benchmark_name(dataset),
+               evaluate_probe(model, transform, dataset, ev, device, cfg["seed"], model_dir, cache_dir))
+    if ev.get("modality_gap"):
+        if teacher_weights is None:
+            raise ValueError("evaluate.modality_gap needs the teacher_weights stage's output")
+        record("modality_gap", benchmark_name(ev["modality_gap"]["dataset"]),
+               evaluate_gap(model, transform, tokenizer, cfg, device, teacher_weights))
     return results

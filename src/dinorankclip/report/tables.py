@@ -1,4 +1,7 @@
-"""Runs x benchmarks tables from the evaluation JSONs: exact values in CSV, percentages in markdown."""
+"""Runs x benchmarks tables from the evaluation JSONs, as DataFrames holding the exact JSON values (fractions).
+
+How they print (percentages, bold) is `dinorankclip.report.render`'s job; the CSV keeps these exact values.
+"""
 
 from __future__ import annotations
 
@@ -13,13 +16,15 @@ HEADLINE = {"zeroshot_classification": [("acc1", "top-1")],
             "zeroshot_retrieval": [("image_retrieval_recall@1", "T→I R@1"), ("text_retrieval_recall@1", "I→T R@1")]}
 
 
-def load_results(evaluate_dir: Path, runs: list[str], benchmarks: list[str]) -> dict[str, dict[str, dict]]:
-    """{run: {benchmark: clip-benchmark JSON}}, every file required, in the given order."""
+def load_results(evaluate_dir: Path, runs: list[str], benchmarks: list[str],
+                 kind: str = "") -> dict[str, dict[str, dict]]:
+    """{run: {benchmark: result JSON}}, every file required, in the given order. `kind` is the sub-folder of a
+    run's results that holds them: "" for zero-shot, `linear_probe`, `modality_gap`."""
     results = {}
     for run in runs:
         results[run] = {}
         for bench in benchmarks:
-            path = evaluate_dir / run / f"{bench}.json"
+            path = evaluate_dir / run / kind / f"{bench}.json"
             if not path.is_file():
                 raise FileNotFoundError(f"report: missing evaluation result {path}")
             results[run][bench] = json.loads(path.read_text())
@@ -46,11 +51,40 @@ def headline_table(results: dict[str, dict[str, dict]]) -> pd.DataFrame:
     return pd.DataFrame.from_dict(rows, orient="index", columns=[label for *_, label in cols]).rename_axis("run")
 
 
-def main_table(results: dict[str, dict[str, dict]]) -> pd.DataFrame:
-    """The headline table of all runs plus a `chance` row."""
+def compute_label(unit: str) -> str:
+    return f"compute ({unit})"
+
+
+def load_compute(study_dir: Path, runs: list[str], tuned: dict[str, str]) -> tuple[dict[str, float], str]:
+    """({run: device-hours}, unit) for matched-compute comparisons, from the runs' metrics.json files: a
+    pretrained run's training; a fine-tuned run's start run plus its fine-tuning. GPU-hours on GPUs, CPU-core-hours
+    on CPUs (the unit is in the label; a study that mixes them says so)."""
+    def read(stage: str, run: str) -> tuple[float, str]:
+        path = study_dir / stage / run / "metrics.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"report: missing {stage} metrics {path} (the matched-compute column)")
+        metrics = json.loads(path.read_text())
+        unit = metrics.get("device_hours_unit") or ("GPU-hours" if metrics.get("device") == "cuda"
+                                                     else "CPU-core-hours")
+        return metrics["device_hours"], unit
+
+    hours, units = {}, set()
+    for run in runs:
+        parts = [read("pretrain", tuned[run]), read("finetune", run)] if run in tuned else [read("pretrain", run)]
+        hours[run] = sum(h for h, _ in parts)
+        units |= {u for _, u in parts}
+    return hours, " + ".join(sorted(units))
+
+
+def main_table(results: dict[str, dict[str, dict]], compute: dict[str, float] | None = None,
+               compute_column: str = compute_label("device-hours")) -> pd.DataFrame:
+    """The headline table of all runs plus a `chance` row; with `compute` ({run: device-hours}), a last column
+    with each run's training compute (matched-compute comparisons; no chance value)."""
     table = headline_table(results)
     first = next(iter(results.values()))
     table.loc["chance"] = [chance(first[bench], key) for bench, key, _ in columns(results)]
+    if compute is not None:
+        table[compute_column] = [compute[run] for run in results] + [math.nan]
     return table
 
 
@@ -111,31 +145,63 @@ def kuea_table(results: dict[str, dict[str, dict]], tuned: dict[str, str],
     return pd.concat(blocks).rename_axis("KUEA")
 
 
-def _cell(value: float, percent: bool, signed: bool) -> str:
-    if math.isnan(value):
-        return "–"
-    if percent:
-        return f"{100 * value:+.1f}" if signed else f"{100 * value:.1f}"
-    return f"{value:+.4g}" if signed else f"{value:.4g}"
+RECALL = {"image_retrieval_recall": "T→I", "text_retrieval_recall": "I→T"}
 
 
-def to_markdown(table: pd.DataFrame, bold: bool = True, plain: tuple[str, ...] = (),
-                signed_rows: tuple = ()) -> str:
-    """Metrics as percentages with one decimal, the best per column in bold (a `chance` row never counts);
-    text columns (e.g. the run of a sweep row) are copied as they are. `plain` columns are not percentages (four
-    significant digits); `signed_rows` (differences) print with a sign; `bold=False` marks nothing."""
-    metrics = table.select_dtypes("number").drop(index="chance", errors="ignore")
-    best = metrics.max(axis=0)
-    header = f"| {table.index.name} | " + " | ".join(table.columns) + " |"
-    lines = [header, "|" + "---|" * (len(table.columns) + 1)]
-    for label, row in table.iterrows():
-        cells = []
-        for col, value in row.items():
-            if col not in metrics.columns:
-                cells.append(str(value))
-                continue
-            text = _cell(value, col not in plain, label in signed_rows)
-            marked = bold and label != "chance" and len(metrics) > 1 and not math.isnan(value) and value == best[col]
-            cells.append(f"**{text}**" if marked else text)
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+def retrieval_table(results: dict[str, dict[str, dict]], benchmarks: list[str]) -> pd.DataFrame:
+    """Runs × (retrieval benchmark, direction, R@K) for every K in the JSONs: text→image then image→text."""
+    rows = {}
+    for run, res in results.items():
+        rows[run] = {}
+        for bench in benchmarks:
+            metrics = res[bench]["metrics"]
+            for prefix, arrow in RECALL.items():
+                ks = sorted(int(k.split("@")[1]) for k in metrics if k.startswith(prefix + "@"))
+                rows[run].update({f"{bench} {arrow} R@{k}": metrics[f"{prefix}@{k}"] for k in ks})
+    return pd.DataFrame.from_dict(rows, orient="index").rename_axis("run")
+
+
+def subset_table(results: dict[str, dict[str, dict]], benchmarks: list[str]) -> pd.DataFrame:
+    """The main table restricted to `benchmarks` (e.g. the OOD sets), chance row included."""
+    return main_table({run: {b: res[b] for b in benchmarks} for run, res in results.items()})
+
+
+def probe_table(probes: dict[str, dict[str, dict]], zeroshot: dict[str, dict[str, dict]]) -> pd.DataFrame:
+    """The fine-grained probe: per benchmark, the linear probe's top-1 and, when the study also has that benchmark
+    as a zero-shot suite, the zero-shot top-1; chance = 1/classes where the zero-shot JSON names them."""
+    rows, chance_row = {}, {}
+    for run, res in probes.items():
+        rows[run] = {}
+        for bench, probe in res.items():
+            rows[run][f"{bench} linear probe"] = probe["metrics"]["lp_acc1"]
+            chance_row[f"{bench} linear probe"] = chance(probe, "acc1")
+            if bench in zeroshot.get(run, {}):
+                rows[run][f"{bench} zero-shot"] = zeroshot[run][bench]["metrics"]["acc1"]
+                chance_row[f"{bench} zero-shot"] = chance(zeroshot[run][bench], "acc1")
+    table = pd.DataFrame.from_dict(rows, orient="index").rename_axis("run")
+    table.loc["chance"] = [chance_row[c] for c in table.columns]
+    return table
+
+
+GAP_COLUMNS = {"centroid_gap": "gap ‖μ_I − μ_T‖", "alignment": "alignment", "uniformity_image": "uniformity I",
+               "uniformity_text": "uniformity T"}
+
+
+NODES = ("text", "z_g", "z", "teacher")  # text, image before injection, image after the gate, teacher CLS
+
+
+def gap_table(gaps: dict[str, dict[str, dict]], bench: str) -> pd.DataFrame:
+    """Modality gap per run on `bench`: centroid gap, alignment, uniformity (image, text), then every centroid
+    distance of the node matrix in `NODES` order, empty where a run lacks a node (no injection: no z_g)."""
+    pairs = [(a, b) for i, a in enumerate(NODES) for b in NODES[i + 1:]]
+    rows = {}
+    for run, res in gaps.items():
+        result = res[bench]
+        index = {node: i for i, node in enumerate(result["nodes"])}
+        dist = result["centroid_distances"]
+        row = {label: result["metrics"][key] for key, label in GAP_COLUMNS.items()}
+        for a, b in pairs:
+            row[f"d({a}, {b})"] = dist[index[a]][index[b]] if a in index and b in index else math.nan
+        rows[run] = row
+    table = pd.DataFrame.from_dict(rows, orient="index").rename_axis("run")
+    return table.dropna(axis=1, how="all")

@@ -46,6 +46,7 @@ from dinorankclip.losses.distributed import all_gather_with_grad
 from dinorankclip.losses.kernel import KueaTerms, StudentKernel, fit_kernel_ratio, kuea_terms
 from dinorankclip.models.clip import CONFIG_FILE, arch_of, export_local_dir, injection_of, load_local_dir
 from dinorankclip.tracking import Tracker
+from dinorankclip.train.flops import device_hours
 from dinorankclip.train.optim import make_optimizer, make_schedule, param_groups
 from dinorankclip.train.pretrain import setup_torch
 from dinorankclip.train.step import autocast
@@ -221,6 +222,7 @@ def finetune(cfg: dict, dirs: dict[str, Path], out: Path, tracker: Tracker,
     model.cpu()
     (out / "model").mkdir()
     export_local_dir(model, arch_of(start_dir), out / "model", injection_of(start_dir))
+    hours, unit = device_hours(seconds, device, ft["threads"])
     metrics = {"start_run": ft["start_run"], "data": source.kind, "images": len(dataset), "steps": ft["steps"],
                "batch_size": ft["batch_size"], "samples_seen": ft["steps"] * ft["batch_size"],
                "fit_samples": len(sample), "kernel_gamma_start": gamma, "kernel_c_start": c,
@@ -229,7 +231,7 @@ def finetune(cfg: dict, dirs: dict[str, Path], out: Path, tracker: Tracker,
                "reg_first": first.reg.item(), "reg_last": last.reg.item(),
                "train_loss_first": step_losses[0], "train_loss_last": step_losses[-1],
                "frozen_unchanged": True, "fit_seconds": fit_seconds, "train_seconds": seconds, "device": str(device),
-               "device_hours": seconds / 3600 * (1 if device.type == "cuda" else ft["threads"])}
+               "device_hours": hours, "device_hours_unit": unit}
     write_json(out / "metrics.json", metrics)
     tracker.log_metrics({f"final/{k}": v for k, v in metrics.items()
                          if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)}, ft["steps"])

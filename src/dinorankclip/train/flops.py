@@ -99,3 +99,10 @@ def peak_flops(device: torch.device, precision: str, threads: int) -> tuple[floa
 def mfu(flops_per_step: int, steps_per_second: float, peak: float) -> float:
     """Model FLOPs utilisation: the fraction of the peak that the counted step FLOPs reach."""
     return flops_per_step * steps_per_second / peak
+
+
+def device_hours(seconds: float, device: torch.device, threads: int, world_size: int = 1) -> tuple[float, str]:
+    """(hours, unit) for matched-compute comparisons: GPU-hours on CUDA, CPU-core-hours (threads × hours) on CPU."""
+    if device.type == "cuda":
+        return seconds / 3600 * world_size, "GPU-hours"
+    return seconds / 3600 * threads * world_size, "CPU-core-hours"

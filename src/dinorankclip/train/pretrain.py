@@ -23,7 +23,7 @@ from dinorankclip.data.loader import GlobalBatches, ShardPairs, pair_loader, spl
 from dinorankclip.io import fingerprint, read_json, write_json
 from dinorankclip.models.clip import create_clip, export_local_dir
 from dinorankclip.train import checkpoint, ddp
-from dinorankclip.train.flops import mfu, peak_flops
+from dinorankclip.train.flops import device_hours, mfu, peak_flops
 from dinorankclip.train.objective import build_objective
 from dinorankclip.train.optim import make_optimizer, make_schedule, param_groups
 from dinorankclip.train.preemption import Preempted, stop_on_signals
@@ -283,14 +283,13 @@ def export(cfg: dict, model: nn.Module, spec: dict | None, progress: Progress, s
         (out / "best").mkdir()
         export_local_dir(model, arch, out / "best", spec)
     opt, device = cfg["pretrain"], world.device
-    per_device_hours = progress.seconds / 3600 * (1 if device.type == "cuda" else opt["threads"])
+    hours, unit = device_hours(progress.seconds, device, opt["threads"], world.size)
     metrics = {"steps": progress.step, "samples_seen": progress.step * opt["batch_size"], "epochs": opt["epochs"],
                "final_epoch_train_loss": progress.train_losses[-1], "val_loss": progress.val_losses,
                "best_epoch": progress.best_epoch,
                "best_val_loss": progress.best_val if progress.best_epoch >= 0 else None,
                "train_seconds": progress.seconds, "device": str(device.type), "world_size": world.size,
-               "device_hours": per_device_hours * world.size,
-               "device_hours_unit": "GPU-hours" if device.type == "cuda" else "CPU-core-hours",
+               "device_hours": hours, "device_hours_unit": unit,
                "train_flops": progress.flops_per_step * progress.step, "flops_per_step": progress.flops_per_step,
                "peak_flops_per_device": peak, "peak_flops_source": peak_source, "resumes": progress.resumes}
     alpha = gate_alpha(model)
