@@ -1,4 +1,4 @@
-"""Shared fixtures: the repository, a fresh copy of its parameters, and one torch thread."""
+"""Shared fixtures: the repository, a fresh copy of its parameters, one torch thread, and the reduced study."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, repo_params
+from helpers import REPO, copy_clone, free_port, reduced_study, repo_params, snakemake, snapshot_repo
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -33,3 +33,24 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def reduced_inputs(tmp_path_factory) -> Path:
+    """A fresh clone holding the reduced study (helpers.reduced_study, committed) with its local rules done: the
+    world and its download. The SLURM and local runs both start from copies of it."""
+    import subprocess
+
+    clone = snapshot_repo(tmp_path_factory.mktemp("reduced"))
+    reduced_study(clone, free_port())
+    subprocess.run(["git", "commit", "-qam", "reduced study"], cwd=clone, check=True)
+    snakemake(clone, ["results/demo/data"], timeout=600)
+    return clone
+
+
+@pytest.fixture(scope="session")
+def local_study(reduced_inputs, tmp_path_factory) -> Path:
+    """The reduced study run to the end on this machine, without a scheduler."""
+    clone = copy_clone(reduced_inputs, tmp_path_factory.mktemp("local"))
+    snakemake(clone, ["all"], timeout=1200)
+    return clone

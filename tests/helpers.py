@@ -107,3 +107,44 @@ def write_features(root, shards: dict[str, list[str]]):
     write_json(root / "features.json", {"__kind__": "wids-shard-index-v1", "wids_version": 1, "shardlist": entries})
     write_json(root / "stats.json", {"patch_channels": TEACHER_SHAPE[1]})
     return root / "features.json"
+
+
+def reduced_study(clone: Path, port: int) -> dict:
+    """Shrink the demo study in a clone's own params.yaml to the smallest one that still has every stage:
+    one pretraining run (`clip`) and its KUEA fine-tuning, on a 1,000-scene world, with per-step log lines.
+    The report's comparison tables are skipped by the report stage itself (their runs are not in the study)."""
+    params = repo_params()
+    params.update(runs={"clip": {}}, aliases={}, finetune_runs={"clip-kuea": "clip"})
+    demo = params["studies"]["demo"]
+    demo["source"]["port"] = port
+    demo["source"]["world"].update(train_scenes=1000, eval_size=100, retrieval_size=100, dead_links=2,
+                                   corrupt_files=2, malformed_rows=2)
+    demo["data"].update(shard_size=250)
+    demo["teacher"]["train"].update(epochs=1)
+    demo["teacher"].update(pca_sample=200)
+    demo["finetune"].update(fit_samples=128, steps=10, batch_size=32, warmup_steps=2, log_every=5)
+    demo["pretrain"].update(epochs=2, batch_size=32, warmup_steps=5, val_samples=128, log_every=1)
+    (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return params
+
+
+def snakemake(clone: Path, args: list[str], timeout: int, log: Path | None = None) -> str:
+    """`snakemake <args>` in a clone with the project's venv, under `timeout -k` (the SLURM plugin can hang
+    ignoring SIGTERM); its output goes to `log` (default: clone/snakemake.log) and is returned."""
+    import subprocess
+
+    log = log or clone / "snakemake.log"
+    with open(log, "w") as out:
+        rc = subprocess.run(["timeout", "-k", "10", str(timeout), "snakemake", *args], cwd=clone, env=venv_env(),
+                            stdout=out, stderr=subprocess.STDOUT).returncode
+    text = log.read_text(errors="replace")
+    assert rc == 0, f"snakemake {' '.join(args)} exited {rc} in {clone}:\n{text[-4000:]}"
+    return text
+
+
+def copy_clone(src: Path, dest: Path) -> Path:
+    """A copy of a clone with its results and Snakemake metadata (times kept, so nothing looks outdated)."""
+    import shutil
+
+    shutil.copytree(src, dest, symlinks=True, dirs_exist_ok=True)
+    return dest

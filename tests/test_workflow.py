@@ -124,9 +124,9 @@ def test_conda_env_pins_what_the_lock_pins(tmp_path):
 
 
 @pytest.mark.parametrize(("gpus", "nodes", "command", "resources"), [
-    (0, 1, "python -m dinorankclip --study s", {"gpu": 0, "nodes": 1, "tasks": 1, "gres": "", "mpi": ""}),
-    (8, 1, "torchrun --standalone --nproc_per_node=8 -m dinorankclip --study s",
-     {"gpu": 8, "nodes": 1, "tasks": 1, "gres": "", "mpi": ""}),
+    # one node: no `mpi` key at all, so the jobstep runs the job in `srun -n1`, a job step that SLURM's signals reach
+    (0, 1, "python -m dinorankclip --study s", {"gpu": 0, "nodes": 1, "tasks": 1}),
+    (8, 1, "torchrun --standalone --nproc_per_node=8 -m dinorankclip --study s", {"gpu": 8, "nodes": 1, "tasks": 1}),
     (4, 2, "srun torchrun --nnodes=2 --nproc_per_node=4 --rdzv_backend=c10d --rdzv_id=$SLURM_JOB_ID "
            "--rdzv_endpoint=$(scontrol show hostnames $SLURM_JOB_NODELIST | head -n1):29500 -m dinorankclip --study s",
      {"gpu": 0, "nodes": 2, "tasks": 2, "gres": "gpu:4", "mpi": "srun"}),

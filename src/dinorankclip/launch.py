@@ -27,8 +27,11 @@ def training_command(pretrain: dict, study: str, env: str = "") -> str:
 
 def training_resources(pretrain: dict) -> dict:
     """The SLURM resources of a pretraining job: `gpu` on one node, per-node `gres` and one task per node across
-    nodes. `tasks_per_gpu: 0` keeps the executor plugin from turning the job into one task per GPU."""
+    nodes. `tasks_per_gpu: 0` keeps the executor plugin from turning the job into one task per GPU. On one node
+    there is no `mpi` key at all: the jobstep plugin starts any job that has one (even empty) in the batch shell
+    instead of `srun -n1`, where SLURM's warning signals (`--signal=TERM@300`, `scancel --signal`) never arrive."""
     gpus, nodes = pretrain["gpus_per_node"], pretrain["nodes"]
-    multi = nodes > 1
-    return {"gpu": 0 if multi else gpus, "nodes": nodes, "tasks": nodes, "tasks_per_gpu": 0,
-            "gres": f"gpu:{gpus}" if multi and gpus else "", "mpi": "srun" if multi else ""}
+    if nodes > 1:
+        return {"gpu": 0, "nodes": nodes, "tasks": nodes, "tasks_per_gpu": 0, "gres": f"gpu:{gpus}" if gpus else "",
+                "mpi": "srun"}
+    return {"gpu": gpus, "nodes": 1, "tasks": 1, "tasks_per_gpu": 0}

@@ -10,12 +10,7 @@ rule pretrain:
         settings=lambda w: settings("loss", "injection", "teacher", "model", "pretrain", run=w.run),
     threads: TRAINING["threads"]
     resources:
-        gpu=TRAINING_RESOURCES["gpu"],
-        nodes=TRAINING_RESOURCES["nodes"],
-        tasks=TRAINING_RESOURCES["tasks"],
-        tasks_per_gpu=TRAINING_RESOURCES["tasks_per_gpu"],
-        gres=TRAINING_RESOURCES["gres"],
-        mpi=TRAINING_RESOURCES["mpi"],
+        **TRAINING_RESOURCES,
     log:
         log_file("pretrain", "{run}"),
     benchmark:

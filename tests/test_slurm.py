@@ -1,0 +1,127 @@
+"""The study on a real one-node SLURM cluster (tests/slurm_cluster.py): `snakemake --profile slurm all` on the
+reduced study sends every non-local job through sbatch with the profile's account, partitions and GPU requests;
+its training job is preempted with `scancel --signal=TERM` and resumes; the evaluations and the trained weights
+equal those of the same study run locally."""
+
+import os
+import re
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from helpers import REPO, copy_clone, snakemake
+from safetensors.torch import load_file
+from slurm_cluster import Cluster
+
+pytestmark = [pytest.mark.slurm, pytest.mark.e2e,
+              pytest.mark.skipif(os.geteuid() != 0, reason="slurmd runs jobs as their submitter only as root")]
+TEST_PROFILE = REPO / "tests" / "slurm_profile"
+SLURM_JOBS = {"teacher_weights": 1, "teacher": 1, "pretrain": 2, "finetune": 1, "evaluate": 2}  # pretrain: +1 retry
+GPU_RULES = {"teacher", "finetune", "evaluate"}  # gpu: 1 in profiles/default
+SIGNAL_AT_STEP = 3
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    cluster = Cluster()
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def scontrol(cluster: Cluster, job: str) -> dict[str, str]:
+    out = subprocess.run(["scontrol", "-o", "show", "job", job], env={**os.environ, **cluster.env()},
+                         capture_output=True, text=True, check=True).stdout
+    return dict(field.split("=", 1) for field in out.split() if "=" in field)
+
+
+def submissions(log: str) -> list[tuple[str, str]]:
+    """(rule, SLURM job id) of every sbatch submission in Snakemake's log, in order."""
+    return re.findall(r"submitted with SLURM jobid (\d+) \(log: \S*/slurm_logs/rule_([a-z_]+)/", log)
+
+
+def preempt_training(clone: Path, cluster: Cluster, log: Path, done: threading.Event, found: dict) -> None:
+    """Once the pretraining job logs step SIGNAL_AT_STEP, send it SIGTERM through the scheduler."""
+    train_log = clone / "results/demo/logs/pretrain/clip.log"
+    while not done.is_set():
+        jobs = submissions(log.read_text(errors="replace")) if log.exists() else []
+        pretrain = [job for job, rule in jobs if rule == "pretrain"]
+        if pretrain and train_log.exists() and f"step {SIGNAL_AT_STEP}/".encode() in train_log.read_bytes():
+            found["job"] = pretrain[0]
+            found["scancel"] = subprocess.run(["scancel", "--signal=TERM", pretrain[0]], capture_output=True,
+                                              text=True, env={**os.environ, **cluster.env()})
+            return
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def slurm_study(cluster, reduced_inputs, tmp_path_factory):
+    """The reduced study through the SLURM profile (plus the test cluster's overrides), its training preempted."""
+    clone = copy_clone(reduced_inputs, tmp_path_factory.mktemp("slurm"))
+    log, done, found = clone / "snakemake.log", threading.Event(), {}
+    watcher = threading.Thread(target=preempt_training, args=(clone, cluster, log, done, found), daemon=True)
+    watcher.start()
+    try:
+        text = snakemake(clone, ["--profile", "slurm", "--profile", str(TEST_PROFILE), "all"], timeout=1500, log=log)
+    finally:
+        done.set()
+        watcher.join()
+    return clone, text, found
+
+
+def test_every_job_but_the_local_rules_ran_through_sbatch_as_the_profile_asks(slurm_study, cluster):
+    clone, log, _ = slurm_study
+    jobs = submissions(log)
+    assert {rule: sum(r == rule for _, r in jobs) for _, rule in jobs} == SLURM_JOBS, jobs
+    assert "localrule report:" in log  # source and data, local rules too, ran before in the reduced_inputs fixture
+    for job, rule in jobs:
+        info = scontrol(cluster, job)
+        assert info["Account"] == "my-account", (rule, info["Account"])  # slurm/config.yaml's default-resources
+        assert info["Partition"] == ("gpu" if rule in GPU_RULES else "cpu"), (rule, info["Partition"])
+        assert info.get("TresPerJob") == ("gres:gpu:1" if rule in GPU_RULES else None), (rule, info)
+        assert info["StdOut"].startswith(str(clone / ".snakemake/slurm_logs" / f"rule_{rule}")), info["StdOut"]
+    memory = {rule: scontrol(cluster, job)["TRES"] for job, rule in jobs}
+    assert "mem=480000M" in memory["pretrain"] and "mem=16000M" in memory["teacher_weights"], memory
+
+
+def test_slurm_and_local_runs_give_the_same_evaluations(slurm_study, local_study):
+    clone, _, _ = slurm_study
+    files = sorted(p.relative_to(local_study) for p in (local_study / "results/demo/evaluate").rglob("*.json"))
+    assert len(files) == 12  # 2 runs x 6 suites
+    for path in files + [Path("results/demo/report/main.csv")]:
+        assert (clone / path).read_bytes() == (local_study / path).read_bytes(), path
+
+
+def test_preempted_training_checkpoints_resumes_and_ends_bit_identical(slurm_study, local_study, cluster):
+    clone, log, found = slurm_study
+    assert "job" in found, "the training job was never seen logging a step, so it was not signalled"
+    assert found["scancel"].returncode == 0, found["scancel"].stderr
+    first, retry = [job for job, rule in submissions(log) if rule == "pretrain"]
+    assert first == found["job"]
+    assert scontrol(cluster, first)["JobState"] == "FAILED" and scontrol(cluster, retry)["JobState"] == "COMPLETED"
+    resumed = re.search(r"(\d+) steps of \d+ \((\d+) epochs\).*resumed at step (\d+)",
+                        (clone / "results/demo/logs/pretrain/clip.log").read_text(errors="replace"))
+    assert resumed, "the retried training job did not resume from a checkpoint"
+    total, epochs, step = map(int, resumed.groups())
+    # only the SIGTERM handler writes a checkpoint before the first epoch ends (checkpoint_every is 50 steps)
+    assert SIGNAL_AT_STEP <= step < total // epochs, (step, total)
+    for which in ("model", "best"):
+        ours = load_file(clone / f"results/demo/pretrain/clip/{which}/open_clip_model.safetensors")
+        theirs = load_file(local_study / f"results/demo/pretrain/clip/{which}/open_clip_model.safetensors")
+        assert ours.keys() == theirs.keys() and all(ours[k].equal(theirs[k]) for k in ours), which
+
+
+def test_start_is_idempotent_and_stop_leaves_no_daemon(cluster):
+    running = cluster.running()
+    assert all(running.values()), running
+    cluster.start()
+    assert cluster.running() == running
+    cluster.stop()
+    assert not any(cluster.running().values())
+    assert all(not Path(f"/proc/{pid}").exists() or "State:\tZ" in Path(f"/proc/{pid}/status").read_text()
+               for pid in running.values())  # gone, or exited and not yet reaped by a PID 1 that does not reap
+    assert not Path("/etc/slurm/slurm.conf").is_symlink()
