@@ -93,8 +93,9 @@ def gap_nodes(gaps: dict[str, dict], title: str, stem: Path) -> list[Path]:
         for i, node in enumerate(nodes):
             ax.scatter(*xy[i], s=40, color=NODE_COLOURS.get(node, "black"), label=node, zorder=2)
         span = max(np.ptp(xy, axis=0).max(), 1e-6)
-        ax.set_xlim(xy[:, 0].mean() - 0.7 * span, xy[:, 0].mean() + 0.7 * span)
-        ax.set_ylim(xy[:, 1].mean() - 0.7 * span, xy[:, 1].mean() + 0.7 * span)
+        centre = (xy.min(axis=0) + xy.max(axis=0)) / 2  # the box's centre: the mean puts a lone node on the edge
+        ax.set_xlim(centre[0] - 0.7 * span, centre[0] + 0.7 * span)
+        ax.set_ylim(centre[1] - 0.7 * span, centre[1] + 0.7 * span)
         ax.set_aspect("equal")
         ax.set_xticks([])
         ax.set_yticks([])
