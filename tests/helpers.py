@@ -117,8 +117,8 @@ def reduced_study(clone: Path, port: int) -> dict:
     params.update(runs={"clip": {}}, aliases={}, finetune_runs={"clip-kuea": "clip"})
     demo = params["studies"]["demo"]
     demo["source"]["port"] = port
-    demo["source"]["world"].update(train_scenes=1000, eval_size=100, retrieval_size=100, dead_links=2,
-                                   corrupt_files=2, malformed_rows=2)
+    demo["source"]["world"].update(train_scenes=1000, eval_size=100, retrieval_size=100, probe_train_size=60,
+                                   dead_links=2, corrupt_files=2, malformed_rows=2)
     demo["data"].update(shard_size=250)
     demo["teacher"]["train"].update(epochs=1)
     demo["teacher"].update(pca_sample=200)
@@ -126,6 +126,15 @@ def reduced_study(clone: Path, port: int) -> dict:
     demo["pretrain"].update(epochs=2, batch_size=32, warmup_steps=5, val_samples=128, log_every=1)
     (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return params
+
+
+def evaluation_json_count(clone: Path, study: str = "demo") -> int:
+    """The JSONs the evaluate stage writes in a clone's study: per evaluated run, one per zero-shot suite, one per
+    linear-probe dataset and one for the modality gap."""
+    params = yaml.safe_load((clone / "params.yaml").read_text())
+    ev = params["studies"][study]["evaluate"]
+    per_run = len(ev["suites"]) + len(ev.get("linear_probe", {}).get("datasets", [])) + bool(ev.get("modality_gap"))
+    return per_run * (len(params["runs"]) + len(params["finetune_runs"]))
 
 
 def snakemake(clone: Path, args: list[str], timeout: int, log: Path | None = None) -> str:

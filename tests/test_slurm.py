@@ -10,8 +10,9 @@ import threading
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
-from helpers import REPO, copy_clone, snakemake
+from helpers import REPO, copy_clone, evaluation_json_count, snakemake
 from safetensors.torch import load_file
 from slurm_cluster import Cluster
 
@@ -91,9 +92,14 @@ def test_every_job_but_the_local_rules_ran_through_sbatch_as_the_profile_asks(sl
 def test_slurm_and_local_runs_give_the_same_evaluations(slurm_study, local_study):
     clone, _, _ = slurm_study
     files = sorted(p.relative_to(local_study) for p in (local_study / "results/demo/evaluate").rglob("*.json"))
-    assert len(files) == 12  # 2 runs x 6 suites
-    for path in files + [Path("results/demo/report/main.csv")]:
+    assert len(files) == evaluation_json_count(local_study) == 16  # 2 runs x (6 suites, 1 probe, 1 gap)
+    for path in files:
         assert (clone / path).read_bytes() == (local_study / path).read_bytes(), path
+    # the report's numbers too; only the compute column (measured device-hours of each job) may differ
+    tables = [pd.read_csv(root / "results/demo/report/main.csv", index_col="run") for root in (clone, local_study)]
+    compute = [column for column in tables[0] if column.startswith("compute")]
+    assert len(compute) == 1 and all((table.loc[["clip", "clip-kuea"], compute[0]] > 0).all() for table in tables)
+    pd.testing.assert_frame_equal(*(table.drop(columns=compute) for table in tables), check_exact=True)
 
 
 def test_preempted_training_checkpoints_resumes_and_ends_bit_identical(slurm_study, local_study, cluster):
