@@ -172,6 +172,19 @@ def test_kuea_lowers_the_kernel_loss_keeps_the_text_tower_and_retrieval_within_t
     assert "kernel loss" in (clone / "results/demo/report/kuea.md").read_text()
 
 
+def test_probe_and_modality_gap_cover_every_run_with_the_json_values(demo):
+    clone, _ = demo
+    runs = list(repo_params()["runs"]) + list(repo_params()["finetune_runs"])
+    probe = pd.read_csv(clone / "results/demo/report/probe.csv", index_col="run", float_precision="round_trip")
+    gap = pd.read_csv(clone / "results/demo/report/modality_gap.csv", index_col="run", float_precision="round_trip")
+    assert list(gap.index) == runs and list(probe.index) == runs + ["chance"]
+    for run in ("clip", "drc-r3"):
+        result = json.loads((clone / f"results/demo/evaluate/{run}/linear_probe/demo-shape.json").read_text())
+        assert probe.loc[run, "demo-shape linear probe"] == result["metrics"]["lp_acc1"]
+    assert pd.isna(gap.loc["clip", "d(z_g, z)"]) and gap.loc["drc-r3", "d(z_g, z)"] >= 0  # z_g only when injected
+    assert (clone / "results/demo/report/modality_gap.png").stat().st_size > 10_000
+
+
 def test_second_make_demo_does_no_work_and_dvc_sees_everything_up_to_date(demo):
     clone, _ = demo
     result = sh(["make", "demo"], clone)
@@ -206,16 +219,3 @@ def test_demo_from_scratch_again_gives_byte_identical_evaluations(demo):
     shutil.rmtree(clone / ".snakemake")
     sh(["snakemake"] + [f"results/demo/evaluate/{r}" for r in runs], clone, timeout=DEMO_TIMEOUT, activate=True)
     assert snapshot() == first and len(first) == 2 * 6
-
-
-def test_probe_and_modality_gap_cover_every_run_with_the_json_values(demo):
-    clone, _ = demo
-    runs = list(repo_params()["runs"]) + list(repo_params()["finetune_runs"])
-    probe = pd.read_csv(clone / "results/demo/report/probe.csv", index_col="run", float_precision="round_trip")
-    gap = pd.read_csv(clone / "results/demo/report/modality_gap.csv", index_col="run", float_precision="round_trip")
-    assert list(gap.index) == runs and list(probe.index) == runs + ["chance"]
-    for run in ("clip", "drc-r3"):
-        result = json.loads((clone / f"results/demo/evaluate/{run}/linear_probe/demo-shape.json").read_text())
-        assert probe.loc[run, "demo-shape linear probe"] == result["metrics"]["lp_acc1"]
-    assert pd.isna(gap.loc["clip", "d(z_g, z)"]) and gap.loc["drc-r3", "d(z_g, z)"] >= 0  # z_g only when injected
-    assert (clone / "results/demo/report/modality_gap.png").stat().st_size > 10_000
