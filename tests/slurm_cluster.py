@@ -35,6 +35,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DAEMONS = ("munged", "slurmctld", "slurmd")  # start order; stopped in reverse
+# the daemons live in sbin, which a non-login PATH (CI's, cron's) may lack
+SBIN = ("/usr/local/sbin", "/usr/sbin", "/sbin")
 PORTS = (6917, 6918)  # slurmctld, slurmd: off SLURM's defaults (6817/6818), so a system SLURM keeps its ports
 STOP_WAIT_S = 15
 DEFAULT_CONF = Path("/etc/slurm/slurm.conf")
@@ -175,7 +177,7 @@ class Cluster:
     def _daemon(self, argv: list[str], env: dict) -> None:
         """Start a daemon that forks into the background and writes its own pid file; wait for that file."""
         name = argv[0]
-        result = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+        result = subprocess.run([program(name), *argv[1:]], env=env, capture_output=True, text=True, timeout=60)
         if result.returncode or not self._wait(f"{name} to start", lambda: self.pid(name), 20, False):
             raise ClusterError(f"{name} did not start (rc {result.returncode}): {result.stderr.strip()} "
                                f"(see {self.log / (name + '.log')})")
@@ -200,9 +202,14 @@ def physical_memory_mb() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20
 
 
+def program(name: str) -> str:
+    """The path of `name` on PATH or in the sbin folders (where Debian puts munged, slurmctld and slurmd)."""
+    return shutil.which(name, path=os.pathsep.join([os.environ.get("PATH", ""), *SBIN])) or name
+
+
 def install() -> None:
     """Debian's slurm-wlm and munge, through apt, when their programs are missing (needs root)."""
-    missing = [p for p in ("munged", "slurmctld", "slurmd", "sbatch", "squeue") if not shutil.which(p)]
+    missing = [p for p in ("munged", "slurmctld", "slurmd", "sbatch", "squeue") if program(p) == p]
     if not missing:
         return
     if os.geteuid() != 0 or not shutil.which("apt-get"):
