@@ -5,15 +5,24 @@ How they print (percentages, bold) is `dinorankclip.report.render`'s job; the CS
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import pandas as pd
 
+from dinorankclip.io import read_json
+
 # The headline metric of each task, and how a column is labelled with it.
 HEADLINE = {"zeroshot_classification": [("acc1", "top-1")],
             "zeroshot_retrieval": [("image_retrieval_recall@1", "T→I R@1"), ("text_retrieval_recall@1", "I→T R@1")]}
+
+
+def required_json(path: Path, what: str, needed_by: str = "") -> dict:
+    """The JSON at `path`; a missing file stops the report naming what it is, where it was looked for and, when
+    given, which part of the report needs it."""
+    if not path.is_file():
+        raise FileNotFoundError(f"report: missing {what} {path}" + (f" ({needed_by})" if needed_by else ""))
+    return read_json(path)
 
 
 def load_results(evaluate_dir: Path, runs: list[str], benchmarks: list[str],
@@ -24,10 +33,7 @@ def load_results(evaluate_dir: Path, runs: list[str], benchmarks: list[str],
     for run in runs:
         results[run] = {}
         for bench in benchmarks:
-            path = evaluate_dir / run / kind / f"{bench}.json"
-            if not path.is_file():
-                raise FileNotFoundError(f"report: missing evaluation result {path}")
-            results[run][bench] = json.loads(path.read_text())
+            results[run][bench] = required_json(evaluate_dir / run / kind / f"{bench}.json", "evaluation result")
     return results
 
 
@@ -60,10 +66,8 @@ def load_compute(study_dir: Path, runs: list[str], tuned: dict[str, str]) -> tup
     pretrained run's training; a fine-tuned run's start run plus its fine-tuning. GPU-hours on GPUs, CPU-core-hours
     on CPUs (the unit is in the label; a study that mixes them says so)."""
     def read(stage: str, run: str) -> tuple[float, str]:
-        path = study_dir / stage / run / "metrics.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"report: missing {stage} metrics {path} (the matched-compute column)")
-        metrics = json.loads(path.read_text())
+        metrics = required_json(study_dir / stage / run / "metrics.json", f"{stage} metrics",
+                                "the matched-compute column")
         unit = metrics.get("device_hours_unit") or ("GPU-hours" if metrics.get("device") == "cuda"
                                                      else "CPU-core-hours")
         return metrics["device_hours"], unit
@@ -120,10 +124,7 @@ def load_kernel_losses(finetune_dir: Path, runs: list[str]) -> dict[str, tuple[f
     """{fine-tuned run: (kernel loss before, after)} from each run's metrics.json (measured on its fit sample)."""
     losses = {}
     for run in runs:
-        path = finetune_dir / run / "metrics.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"report: missing fine-tuning metrics {path}")
-        metrics = json.loads(path.read_text())
+        metrics = required_json(finetune_dir / run / "metrics.json", "fine-tuning metrics")
         losses[run] = (metrics["kernel_loss_first"], metrics["kernel_loss_last"])
     return losses
 
