@@ -22,6 +22,7 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/teacher.smk"
+include: "workflow/rules/captions.smk"
 include: "workflow/rules/pretrain.smk"
 include: "workflow/rules/finetune.smk"
 include: "workflow/rules/evaluate.smk"

@@ -33,7 +33,7 @@ import open_clip
 import torch
 from safetensors.torch import save_file
 
-from dinorankclip.config import load_params, resolve, teacher_stages
+from dinorankclip.config import load_params, reads_captions, resolve, teacher_stages
 from dinorankclip.io import write_json
 from dinorankclip.models.teacher import WEIGHTS_FILE, create_teacher
 from dinorankclip.train.flops import mfu, peak_flops, step_flops
@@ -42,7 +42,7 @@ from dinorankclip.train.optim import make_optimizer, param_groups
 from dinorankclip.train.pretrain import build_student, setup_torch
 from dinorankclip.train.step import MAX_LOGIT_SCALE, TrainStep, autocast, update
 
-Inputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
+Inputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]
 
 
 def log(message: str) -> None:
@@ -68,7 +68,8 @@ def stand_in_teacher(cfg: dict, tmp: Path) -> tuple[dict[str, Path], int]:
 
 
 def synthetic_inputs(cfg: dict, model: torch.nn.Module, batch: int, width: int, device: torch.device) -> Inputs:
-    """Images, token ids and (cache runs only) teacher maps shaped like a loader batch, from the run's seed."""
+    """Images, token ids, (cache runs only) teacher maps and (runs reading them) second captions shaped like a
+    loader batch, from the run's seed."""
     generator = torch.Generator().manual_seed(cfg["seed"])
     size = model.visual.preprocess_cfg["size"]
     h, w = (size, size) if isinstance(size, int) else size
@@ -79,7 +80,11 @@ def synthetic_inputs(cfg: dict, model: torch.nn.Module, batch: int, width: int, 
         spec = cfg["teacher"]
         teacher = torch.randn(batch, len(spec["blocks"]), width, spec["grid"], spec["grid"], generator=generator)
         teacher = teacher.half().to(device)
-    return images.to(device), tokens.to(device), teacher
+    captions = None
+    if reads_captions(cfg):
+        captions = open_clip.get_tokenizer(cfg["model"]["arch"])([f"a longer synthetic description {i}"
+                                                                  for i in range(batch)]).to(device)
+    return images.to(device), tokens.to(device), teacher, captions
 
 
 def our_step(cfg: dict, args, device: torch.device, precision: str) -> Callable[[], None]:
@@ -92,16 +97,16 @@ def our_step(cfg: dict, args, device: torch.device, precision: str) -> Callable[
     if opt["grad_checkpointing"]:
         student.model.set_grad_checkpointing(True)
     objective = build_objective(cfg["loss"], student.model.text_projection.shape[1], cfg["seed"])
-    module = TrainStep(student, objective, cfg["injection"], cfg["loss"], gather=False).to(device).train()
+    module = TrainStep(student, objective, cfg, gather=False).to(device).train()
     optimizer = make_optimizer(param_groups([("", module)], opt["weight_decay"]), opt)
     if opt["compile"]:
         student.compile()
-    images, tokens, teacher = synthetic_inputs(cfg, student.model, args.batch, width, device)
+    images, tokens, teacher, captions = synthetic_inputs(cfg, student.model, args.batch, width, device)
     steps, total = itertools.count(), args.warmup + args.steps + 1
 
     def run() -> None:
         with autocast(device, precision):
-            loss, _ = module(images, tokens, teacher, next(steps), total)
+            loss, _ = module(images, tokens, teacher, next(steps), total, captions)
         update(module, loss, optimizer, student.model, opt["grad_clip"])
 
     return run
@@ -120,7 +125,7 @@ def open_clip_step(cfg: dict, args, device: torch.device, precision: str) -> Cal
     loss_fn = open_clip.loss.ClipLoss()
     optimizer = torch.optim.AdamW(model.parameters(), lr=opt["lr"], betas=tuple(opt["betas"]), eps=opt["eps"],
                                   weight_decay=opt["weight_decay"], fused=True)
-    images, tokens, _ = synthetic_inputs(cfg, model, args.batch, 0, device)
+    images, tokens, _, _ = synthetic_inputs(cfg, model, args.batch, 0, device)
 
     def run() -> None:
         with autocast(device, precision):

@@ -29,6 +29,7 @@ from open_clip.loss import ClipLoss
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from dinorankclip.losses.alip import AlipObjective
 from dinorankclip.losses.contrastive import clip_loss, cyclip_loss
 from dinorankclip.losses.distributed import get_rank, get_world_size
 from dinorankclip.losses.ranking import HighOrderRankLoss, rankclip_loss, tie_permutation
@@ -76,11 +77,22 @@ def high_order(order: int) -> nn.Module:
     return module
 
 
+def alip() -> nn.Module:
+    """ALIP with fixed running means (eval mode) between the batch's similarities, so some samples are gated and
+    some are not; the caption is a per-row function of image and text, so gradients reach both."""
+    module = AlipObjective({"alip": {"momentum": 0.99, "sharpness": 2.0}}, DIM, 0).eval()
+    module.means.copy_(torch.tensor([0.6, 0.1, 0.3]))
+    return module
+
+
 def cases() -> dict[str, tuple[nn.Module | None, Callable[..., torch.Tensor]]]:
     """Name → (loss module or None, loss(image, text, scale, gather))."""
     ties = {"tie_seed": TIE_SEED, "step": STEP}
     modules = {order: high_order(order) for order in (0, 1, 3)}
+    gated = alip()
     return {
+        "alip": (gated, lambda i, t, s, g: gated(i, t, s, STEP, 10, gather=g,
+                                                 caption=F.normalize(t + 0.8 * i, dim=1))[0]),
         "clip": (None, lambda i, t, s, g: clip_loss(i, t, s, gather=g)),
         "cyclip": (None, lambda i, t, s, g: cyclip_loss(i, t, s, 0.3, 0.4, gather=g)),
         "rankclip": (None, lambda i, t, s, g: rankclip_loss(i, t, s, 1.5, **ties, gather=g)),

@@ -63,6 +63,7 @@ def venv_env() -> dict:
 def make_image_shards(data_dir, counts):
     """Shards of demo scenes under data_dir/shards with a wids index, like the data stage writes."""
     import io
+    import json
     import random
 
     import webdataset as wds
@@ -80,7 +81,8 @@ def make_image_shards(data_dir, counts):
             for i in range(n):
                 key, jpeg = f"{s:05d}{i:04d}", jpeg_bytes(world.render(world.sample_scene(rng), 64))
                 images[key] = Image.open(io.BytesIO(jpeg)).convert("RGB")  # what the stage decodes
-                sink.write({"__key__": key, "jpg": jpeg, "txt": "a caption"})
+                sink.write({"__key__": key, "jpg": jpeg, "txt": f"a caption of {key}",
+                            "json": json.dumps({"url": f"http://127.0.0.1/{key}.jpg", "key": key}).encode()})
         entries.append({"url": f"shards/{s:05d}.tar", "nsamples": n})
     write_json(data_dir / "shards.json", {"__kind__": "wids-shard-index-v1", "wids_version": 1, "shardlist": entries})
     return images

@@ -15,6 +15,7 @@ from dinorankclip.config import (
     resolve,
     run_names,
     suite_names,
+    pretrain_stages,
     teacher_stages,
     validate_params,
 )
@@ -60,6 +61,15 @@ def test_repository_params_are_valid(params):
      "studies.demo.source.world.probe_train_size: -1 is less than the minimum of 0"),
     (lambda p: p["studies"]["demo"]["injection"].update(taps=[0, 1]),
      "runs.drc-r0: injection.taps [0, 1] in study demo needs one tap per teacher block ([1, 2, 3])"),
+    (lambda p: p["runs"]["tips-style"].update(captions={"sampling": {"raw": 0.5, "synthetic": 0.6}}),
+     "runs.tips-style: captions.sampling {'raw': 0.5, 'synthetic': 0.6} in study demo must sum to 1"),
+    (lambda p: p["studies"]["paper"]["captions"].update(file=None),
+     "studies.paper.captions.file: run alip reads second captions"),
+    (lambda p: p["runs"]["drc-r3"].update(patch_loss={"name": "ibot"}),
+     "runs.drc-r3: patch_loss.name ibot needs injection.variant none"),
+    (lambda p: p["patch_loss"].update(mask_ratio=[0.1]), "patch_loss.mask_ratio: [0.1] is too short"),
+    (lambda p: p["runs"]["alip"].update(loss={"alip": {"momentum": 1.0}}),
+     "runs.alip.loss.alip.momentum: 1.0 is greater than or equal to the maximum of 1"),
 ])
 def test_bad_value_fails_naming_the_key(params, mutate, message):
     mutate(params)
@@ -99,6 +109,13 @@ def test_injection_layers_and_aliases_resolve(params):
     assert teacher_stages(resolve(params, "demo", "drc-r3-fusion-v2")) == ["teacher"]
     params["runs"]["drc-r3"]["injection"]["teacher"] = "online"
     assert teacher_stages(resolve(params, "demo", "drc-r3")) == ["teacher_weights"]
+
+
+def test_runs_reading_second_captions_read_the_captions_stage(params):
+    assert pretrain_stages(resolve(params, "demo", "alip")) == ["captions"]
+    assert pretrain_stages(resolve(params, "demo", "tips-style")) == ["captions"]
+    assert pretrain_stages(resolve(params, "demo", "clip")) == []
+    assert pretrain_stages(resolve(params, "paper", "drc-r3-fusion-v2")) == ["teacher"]
 
 
 def test_deep_merge_does_not_alias_its_inputs():

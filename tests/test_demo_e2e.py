@@ -100,8 +100,8 @@ def test_mlflow_store_holds_every_job_with_its_metrics(demo):
     runs = dict(db.execute("select name, status from runs"))
     registry = list(repo_params()["runs"])
     tuned = list(repo_params()["finetune_runs"])
-    jobs = ["source", "data", "teacher-weights", "teacher", "report"] + [f"{s}/{r}" for s in ("pretrain", "evaluate")
-                                                                         for r in registry]
+    jobs = ["source", "data", "teacher-weights", "teacher", "captions", "report"] + [
+        f"{s}/{r}" for s in ("pretrain", "evaluate") for r in registry]
     jobs += [f"{s}/{r}" for s in ("finetune", "evaluate") for r in tuned]
     assert runs == dict.fromkeys(jobs + ["study/demo"], "FINISHED")
     parent = db.execute("select run_uuid from runs where name = 'study/demo'").fetchone()[0]
@@ -115,6 +115,24 @@ def test_mlflow_store_holds_every_job_with_its_metrics(demo):
                 "mfu", "loss/distill_feature", "gate_alpha", "final/train_flops", "final/device_hours"):
         assert keys.get(key, 0) >= 1, key
     assert any(k.startswith("system/cpu_utilization") for k in keys), sorted(keys)
+
+
+def test_alip_and_tips_style_train_on_the_second_captions_and_reach_the_main_table(demo):
+    clone, _ = demo
+    root = clone / "results/demo"
+    coverage = json.loads((root / "captions/coverage.json").read_text())
+    planted = json.loads((root / "source/planted.json").read_text())
+    assert coverage["covered"] == coverage["images"] == planted["train_images"] and coverage["unused_entries"] == 0
+    db = sqlite3.connect(root / "mlflow.db")
+
+    def logged(run):
+        return {k for (k,) in db.execute("select distinct m.key from metrics m join runs r on m.run_uuid = r.run_uuid "
+                                         "where r.name = ?", (f"pretrain/{run}",))}
+
+    assert {"loss/alip_text", "loss/alip_caption", "loss/lcg_fired"} <= logged("alip")
+    assert "loss/patch" in logged("tips-style")
+    table = pd.read_csv(root / "report/main.csv", index_col=0)
+    assert {"alip", "tips-style"} <= set(table.index)
 
 
 def test_order_sweep_table_covers_orders_zero_to_four_with_the_json_values(demo):

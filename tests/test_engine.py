@@ -14,6 +14,7 @@ from helpers import make_image_shards, repo_params, write_features
 from safetensors.torch import load_file
 
 from dinorankclip.config import resolve
+from dinorankclip.data.captions import build_captions
 from dinorankclip.tracking import NullTracker
 from dinorankclip.train import checkpoint, pretrain
 from dinorankclip.train.preemption import Preempted
@@ -28,12 +29,19 @@ SMALL = {"epochs": 2, "batch_size": 16, "val_samples": 8, "checkpoint_every": 0,
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    """Image shards and a teacher cache of the same keys: what the data and teacher stages leave."""
+    """Image shards, a teacher cache and second captions of the same keys: what the data, teacher and captions
+    stages leave."""
     root = tmp_path_factory.mktemp("inputs")
     make_image_shards(root / "data", [40, 24])
     keys = {"00000.tar": [f"00000{i:04d}" for i in range(40)], "00001.tar": [f"00001{i:04d}" for i in range(24)]}
     write_features(root / "teacher", keys)
-    return root / "data", {"teacher": root / "teacher", "teacher_weights": root / "unused"}
+    (root / "captions").mkdir()
+    file = root / "synthetic.tsv"
+    file.write_text("key\tcaption\n" + "".join(f"{k}\ta longer description of {k}\n" for ks in keys.values()
+                                                for k in ks[::2]))  # every other image: the rest keep their own
+    build_captions({"study": "demo", "captions": {"file": str(file)}}, root / "data", root / "captions")
+    return root / "data", {"teacher": root / "teacher", "teacher_weights": root / "unused",
+                           "captions": root / "captions"}
 
 
 def run_cfg(run: str, **pretrain_overrides) -> dict:
@@ -76,10 +84,12 @@ def signal_after(monkeypatch, steps: int, signum: int = signal.SIGTERM) -> None:
     monkeypatch.setattr(pretrain, "update", update_then_signal)
 
 
-@pytest.mark.parametrize("stop", [4, 3])  # mid-epoch (second batch of the second epoch); the last step of an epoch
-def test_sigterm_then_restart_ends_bit_identical(inputs, tmp_path, monkeypatch, stop):
-    cfg = run_cfg("drc-r3")  # injection with distillation, transition heads, tie-break generator, data position
-    assert cfg["injection"]["variant"] == "v5" and cfg["loss"]["order"] == 3
+# drc-r3: injection with distillation, transition heads, tie-break generator, data position; stop 4 is mid-epoch
+# (second batch of the second epoch), 3 the last step of an epoch. alip: the gates' running means; tips-style: caption
+# sampling, masks, the teacher centre and the EMA head.
+@pytest.mark.parametrize("run, stop", [("drc-r3", 4), ("drc-r3", 3), ("alip", 4), ("tips-style", 4)])
+def test_sigterm_then_restart_ends_bit_identical(inputs, tmp_path, monkeypatch, run, stop):
+    cfg = run_cfg(run)
     uninterrupted = train(cfg, inputs, tmp_path, "once")
 
     signal_after(monkeypatch, stop)
@@ -130,8 +140,8 @@ def test_a_planted_nan_stops_the_run_and_keeps_the_last_good_checkpoint(inputs, 
     cfg = run_cfg("clip", checkpoint_every=2)
     real_forward = TrainStep.forward
 
-    def nan_at_step_4(self, images, tokens, teacher, step, total_steps):
-        loss, terms = real_forward(self, images, tokens, teacher, step, total_steps)
+    def nan_at_step_4(self, images, tokens, teacher, step, total_steps, captions=None):
+        loss, terms = real_forward(self, images, tokens, teacher, step, total_steps, captions)
         return (loss * float("nan") if step == 4 else loss), terms
 
     monkeypatch.setattr(TrainStep, "forward", nan_at_step_4)

@@ -25,7 +25,7 @@ from dinorankclip.losses.ranking import HighOrderRankLoss, rankclip_loss
 WORKER = Path(__file__).with_name("_dist_worker.py")
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 TOLERANCE = 1e-10  # the worker runs in float64
-EXPECTED_CASES = {"clip", "cyclip", "rankclip", "order0", "order1", "order3"}
+EXPECTED_CASES = {"clip", "cyclip", "rankclip", "order0", "order1", "order3", "alip"}
 
 
 def _features(batch: int = 6, dim: int = 4) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,6 +10,7 @@ from helpers import REPO, snapshot_repo, venv_env
 from dinorankclip.launch import training_command, training_resources
 
 TEACHER_STAGES = ("teacher_weights", "teacher")
+PER_RUN_LISTED = {"pretrain": TEACHER_STAGES + ("captions",), "finetune": TEACHER_STAGES}
 CODE_DEP = "src/dinorankclip"  # a DVC-only dependency: dvc.lock records which code made each artifact
 
 
@@ -46,7 +47,7 @@ def test_paper_dry_run_on_a_fresh_clone_lists_every_job(fresh_clone, params):
     assert tuned >= 2 and params["finetune_runs"]["clip-kuea"] == "clip"
     assert job_counts(result.stdout) == {"all": 1, "data": 1, "evaluate": runs + tuned, "finetune": tuned,
                                          "pretrain": runs, "report": 1, "source": 1, "teacher": 1,
-                                         "teacher_weights": 1, "total": 6 + 2 * runs + 2 * tuned}
+                                         "teacher_weights": 1, "captions": 1, "total": 7 + 2 * runs + 2 * tuned}
     assert "results/paper/pretrain/clip" in result.stdout and "MissingInput" not in result.stdout + result.stderr
     evaluate_inputs = "results/paper/source, results/paper/teacher_weights, results/paper/finetune/clip-kuea"
     assert f"input: {evaluate_inputs}" in result.stdout
@@ -91,8 +92,8 @@ def test_dvc_and_snakemake_agree_on_every_stage(fresh_clone):
         for path in inputs:
             assert any(covered(path, dep) for dep in deps), f"{output}: Snakemake input {path} missing in dvc.yaml"
         for dep in deps:
-            if ("/pretrain/" in output or "/finetune/" in output) and Path(dep).name in TEACHER_STAGES:
-                continue  # dvc.yaml lists both teacher stages for every run (its templates cannot select by run)
+            if any(f"/{stage}/" in output and Path(dep).name in listed for stage, listed in PER_RUN_LISTED.items()):
+                continue  # dvc.yaml lists these stages for every run (its templates cannot select by run)
             assert any(covered(path, dep) for path in inputs), f"{output}: dvc.yaml dependency {dep} not in Snakefile"
 
 

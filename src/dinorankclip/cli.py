@@ -81,12 +81,22 @@ def cmd_teacher(cfg: dict, args, tracker) -> None:
     tracker.log_metrics({k: v for k, v in stats.items() if isinstance(v, int | float)}, step=0)
 
 
+def cmd_captions(cfg: dict, args, tracker) -> None:
+    from dinorankclip.data.captions import build_captions
+
+    study = cfg["study"]
+    with atomic_dir(stage_dir(study, "captions")) as out:
+        stats = build_captions(cfg, stage_dir(study, "data"), out)
+        write_config(cfg, out)
+    tracker.log_metrics({k: v for k, v in stats.items() if isinstance(v, int | float)}, step=0)
+
+
 def cmd_pretrain(cfg: dict, args, tracker) -> None:
     """Rank 0 writes the output directory; under torchrun the other ranks train alongside and write nothing."""
     from dinorankclip.train.pretrain import pretrain
 
     study, run = cfg["study"], cfg["run"]
-    inputs = (stage_dir(study, "data"), {name: stage_dir(study, name) for name in TEACHER_STAGES})
+    inputs = (stage_dir(study, "data"), {name: stage_dir(study, name) for name in READ_BY_PRETRAIN})
     state = state_dir(study, "pretrain", run)
     if tracker.run_id is None:
         pretrain(cfg, *inputs, None, tracker, state)
@@ -177,10 +187,12 @@ FUSION_LABELS = {"v1": "V1 no injection", "v2": "V2 linear residual", "v3": "V3 
 
 
 STAGES = {"source": cmd_source, "data": cmd_data, "teacher-weights": cmd_teacher_weights, "teacher": cmd_teacher,
-          "pretrain": cmd_pretrain, "finetune": cmd_finetune, "evaluate": cmd_evaluate, "report": cmd_report}
+          "captions": cmd_captions, "pretrain": cmd_pretrain, "finetune": cmd_finetune, "evaluate": cmd_evaluate,
+          "report": cmd_report}
 PER_RUN = {"pretrain", "finetune", "evaluate"}
 PREFLIGHT = {"finetune": preflight_finetune}
 TEACHER_STAGES = ("teacher_weights", "teacher")
+READ_BY_PRETRAIN = TEACHER_STAGES + ("captions",)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -28,7 +28,7 @@ SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "pa
 
 
 # Sections with shared method defaults at the top level that a study block may partly override.
-LAYERED = ("loss", "injection", "finetune")
+LAYERED = ("loss", "injection", "finetune", "captions", "patch_loss")
 
 
 class ParamsError(ValueError):
@@ -90,6 +90,7 @@ def _cross_key_problems(params: Mapping[str, Any]) -> list[str]:
             if cfg["injection"]["variant"] not in ("none", "v1") and taps is not None and len(taps) != len(blocks):
                 problems.append(f"runs.{run}: injection.taps {taps} in study {study} needs one tap per teacher "
                                 f"block ({blocks})")
+            problems += _caption_problems(cfg, study, run)
     for study, block in params["studies"].items():
         ev = block["evaluate"]
         names = [benchmark_name(suite["dataset"]) for suite in ev["suites"]]
@@ -99,6 +100,21 @@ def _cross_key_problems(params: Mapping[str, Any]) -> list[str]:
         if len(names) > 1 and "{dataset_cleaned}" not in ev["dataset_root"] and "{dataset}" not in ev["dataset_root"]:
             problems.append(f"studies.{study}.evaluate.dataset_root: must contain {{dataset_cleaned}} or {{dataset}} "
                             "to hold several suites")
+    return problems
+
+
+def _caption_problems(cfg: Mapping[str, Any], study: str, run: str) -> list[str]:
+    """A run reading second captions needs the study's caption file; the patch objective needs a plain tower."""
+    problems = []
+    sampling = cfg["captions"]["sampling"]
+    if abs(sampling["raw"] + sampling["synthetic"] - 1) > 1e-9:
+        problems.append(f"runs.{run}: captions.sampling {sampling} in study {study} must sum to 1")
+    if reads_captions(cfg) and not cfg["captions"]["file"]:
+        problems.append(f"studies.{study}.captions.file: run {run} reads second captions (ALIP or caption "
+                        "sampling), but the study names no caption file")
+    if cfg["patch_loss"]["name"] != "none" and cfg["injection"]["variant"] != "none":
+        problems.append(f"runs.{run}: patch_loss.name {cfg['patch_loss']['name']} needs injection.variant none "
+                        f"(the patch objective reads a plain image tower), not {cfg['injection']['variant']}")
     return problems
 
 
@@ -173,6 +189,17 @@ def finetune_stages(cfg: Mapping[str, Any]) -> list[str]:
     """The data and teacher stages a fine-tuned run reads: the study's shards with the cached teacher CLS, or,
     for an image folder, only the teacher's weights (the teacher then runs on each batch)."""
     return ["data", "teacher"] if cfg["finetune"]["data"]["kind"] == "shards" else ["teacher_weights"]
+
+
+def reads_captions(cfg: Mapping[str, Any]) -> bool:
+    """Whether a resolved run reads a second caption per image: ALIP's objective, or caption sampling."""
+    return cfg["loss"]["name"] == "alip" or cfg["captions"]["sampling"]["synthetic"] > 0
+
+
+def pretrain_stages(cfg: Mapping[str, Any]) -> list[str]:
+    """Every stage besides `data` a resolved run's pretraining reads: its teacher stages, and `captions` when it
+    reads second captions."""
+    return teacher_stages(cfg) + (["captions"] if reads_captions(cfg) else [])
 
 
 def teacher_stages(cfg: Mapping[str, Any]) -> list[str]:

@@ -3,7 +3,7 @@
 import json
 import os
 
-from dinorankclip.config import evaluated_runs, finetune_runs, finetune_stages, model_stage, resolve, run_names, teacher_stages
+from dinorankclip.config import evaluated_runs, finetune_runs, finetune_stages, model_stage, pretrain_stages, resolve, run_names
 from dinorankclip.launch import training_command, training_resources
 from dinorankclip.layout import stage_dir, study_dir
 

@@ -1,5 +1,7 @@
 """Write the demo world to disk: images to serve over HTTP, a CC3M-layout caption list, and the eval suites.
 
+Beside it, `synthetic_captions.tsv` gives every training image its complete scene description, keyed by URL: the
+demo's stand-in for a captioner's synthetic captions (the captions stage joins it to the shards).
 The caption list is planted with the faults a real CC3M download meets — dead links, files that are not
 images, rows that are not (caption, url) pairs — at seeded positions, and `planted.json` records how many of
 each, so the data stage's counts can be checked exactly.
@@ -23,6 +25,7 @@ from dinorankclip.data.demo_suites import PROBE_SUITES, SUITES, Suite
 log = logging.getLogger(__name__)
 JPEG_QUALITY = 95
 CLOSED_PORT = 1  # tcpmux: nothing listens there, so a link to it is refused at once
+SYNTHETIC_CAPTIONS = "synthetic_captions.tsv"
 
 
 def jpeg_bytes(img) -> bytes:
@@ -101,6 +104,9 @@ def write_demo_world(out: Path, spec: dict, seed: int) -> dict:
         rows.insert(rng.randrange(len(rows) + 1), row)
 
     (out / "raw.tsv").write_text("\n".join(rows) + "\n")
+    # the second caption per image (the captions stage): what a captioner that saw everything would write
+    (out / SYNTHETIC_CAPTIONS).write_text("url\tcaption\n" + "".join(f"{s['url']}\t{s['description']}\n"
+                                                                     for s in scenes))
     with open(out / "scenes.jsonl", "w") as f:
         for scene in scenes:
             f.write(json.dumps(scene, sort_keys=True) + "\n")

@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from dinorankclip.data.loader import check_feature_count, decode_image, open_shards, read_feature
+from dinorankclip.data.loader import check_side_count, decode_image, open_shards, read_feature
 from dinorankclip.io import read_json
 
 # What an image folder may hold, compared case-insensitively (ImageNet's train files end in .JPEG).
@@ -77,7 +77,7 @@ class ShardImages(Dataset):
 
     def __init__(self, index: Path, features: Path, transform: Callable):
         self.shards, self.features = open_shards(index), open_shards(features)
-        check_feature_count(self.features, self.shards, features, index)
+        check_side_count(self.features, self.shards, features, index, "teacher")
         self.transform = transform
 
     def __len__(self) -> int:

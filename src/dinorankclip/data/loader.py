@@ -24,12 +24,14 @@ IMAGE_KEYS = (".jpg", ".jpeg", ".png", ".webp")
 
 
 class Batch(NamedTuple):
-    """Images [B,3,H,W], token ids [B,L], sample keys, and the teacher's patch maps [B,S,C,g,g] (fp16) or None."""
+    """Images [B,3,H,W], token ids [B,L], sample keys, the teacher's patch maps [B,S,C,g,g] (fp16) or None, and
+    the token ids of each image's second caption [B,L] (the captions stage) or None."""
 
     images: torch.Tensor
     tokens: torch.Tensor
     keys: list[str]
     teacher: torch.Tensor | None
+    captions: torch.Tensor | None = None
 
 
 def open_shards(index: Path) -> wids.ShardListDataset:
@@ -47,49 +49,63 @@ def decode_image(sample: dict, transform: Callable) -> torch.Tensor:
         return transform(img.convert("RGB"))
 
 
+def aligned_field(side: wids.ShardListDataset, i: int, sample: dict, field: str, what: str):
+    """Field `field` of sample i of a side dataset (teacher features, second captions), which must carry the
+    image's key; `what` names the side in the error."""
+    other = side[i]
+    if other["__key__"] != sample["__key__"] or field not in other:
+        raise KeyError(f"{what} out of step with the images: sample {sample['__key__']} of "
+                       f"{sample['__shard__']} meets {other['__key__']} of {other['__shard__']}"
+                       + ("" if field in other else f" (no {field.lstrip('.')})"))
+    return other[field]
+
+
 def read_feature(features: wids.ShardListDataset, i: int, sample: dict, field: str) -> torch.Tensor:
     """Array `field` (e.g. `.patches.npy`, `.cls.npy`) of feature sample i, which must carry the image's key."""
-    feature = features[i]
-    if feature["__key__"] != sample["__key__"] or field not in feature:
-        raise KeyError(f"teacher features out of step with the images: sample {sample['__key__']} of "
-                       f"{sample['__shard__']} meets {feature['__key__']} of {feature['__shard__']}"
-                       + ("" if field in feature else f" (no {field.lstrip('.')})"))
-    return torch.from_numpy(np.load(feature[field]))
+    return torch.from_numpy(np.load(aligned_field(features, i, sample, field, "teacher features")))
 
 
-def check_feature_count(features: wids.ShardListDataset, shards: wids.ShardListDataset, features_index: Path,
-                        index: Path) -> None:
-    """The teacher cache holds one feature sample per image, or the caller reads the wrong features."""
-    if len(features) != len(shards):
-        raise ValueError(f"{features_index}: {len(features)} feature samples for {len(shards)} images in "
-                         f"{index}; rebuild the teacher stage")
+def check_side_count(side: wids.ShardListDataset, shards: wids.ShardListDataset, side_index: Path, index: Path,
+                     stage: str) -> None:
+    """A side dataset (teacher cache, caption shards) holds one sample per image, or the caller reads the wrong
+    ones."""
+    if len(side) != len(shards):
+        raise ValueError(f"{side_index}: {len(side)} samples for {len(shards)} images in {index}; rebuild the "
+                         f"{stage} stage")
 
 
 class ShardPairs(Dataset):
-    """`Batch`es from the samples of a wids shard index, with the cached teacher features if an index is given."""
+    """`Batch`es from the samples of a wids shard index, with the cached teacher features and the second captions
+    when their indexes are given."""
 
-    def __init__(self, index: Path, transform: Callable, tokenizer: Callable, features: Path | None = None):
+    def __init__(self, index: Path, transform: Callable, tokenizer: Callable, features: Path | None = None,
+                 captions: Path | None = None):
         self.shards = open_shards(index)
         self.features = open_shards(features) if features is not None else None
-        if self.features is not None:
-            check_feature_count(self.features, self.shards, features, index)
+        self.captions = open_shards(captions) if captions is not None else None
+        for side, side_index, stage in ((self.features, features, "teacher"), (self.captions, captions, "captions")):
+            if side is not None:
+                check_side_count(side, self.shards, side_index, index, stage)
         self.transform, self.tokenizer = transform, tokenizer
 
     def __len__(self) -> int:
         return len(self.shards)
 
-    def _read(self, i: int) -> tuple[torch.Tensor, str, str, torch.Tensor | None]:
+    def _read(self, i: int) -> tuple[torch.Tensor, str, str, torch.Tensor | None, str | None]:
         sample = self.shards[i]
         if ".txt" not in sample:
             raise KeyError(f"{sample['__shard__']}: sample {sample['__key__']} has no caption")
         teacher = None if self.features is None else read_feature(self.features, i, sample, ".patches.npy")
+        second = None if self.captions is None else \
+            aligned_field(self.captions, i, sample, ".txt", "second captions").getvalue().decode("utf-8")
         return decode_image(sample, self.transform), sample[".txt"].getvalue().decode("utf-8"), sample["__key__"], \
-            teacher
+            teacher, second
 
     def __getitems__(self, indices: list[int]) -> Batch:
-        images, captions, keys, teacher = zip(*(self._read(i) for i in indices), strict=True)
+        images, captions, keys, teacher, second = zip(*(self._read(i) for i in indices), strict=True)
         return Batch(torch.stack(images), self.tokenizer(list(captions)), list(keys),
-                     None if self.features is None else torch.stack(teacher))
+                     None if self.features is None else torch.stack(teacher),
+                     None if self.captions is None else self.tokenizer(list(second)))
 
 
 def split_indices(size: int, held_out: int, seed: int) -> tuple[list[int], list[int]]:

@@ -83,3 +83,15 @@ def local_batch(image: torch.Tensor, text: torch.Tensor, gather: bool) -> LocalB
     if not (gather and is_distributed()):
         return LocalBatch(image, text, image, text, 0)
     return LocalBatch(image, text, all_gather_with_grad(image), all_gather_with_grad(text), get_rank() * image.shape[0])
+
+
+def rank_rows(local: int) -> tuple[int, slice]:
+    """(global batch size, this rank's rows of it) for equal per-rank batches of `local` samples: a per-sample
+    draw made for the global batch and sliced here is the same draw at any world size."""
+    rank, world = get_rank(), get_world_size()
+    return local * world, slice(rank * local, (rank + 1) * local)
+
+
+def step_generator(seed: int, step: int, stream: int) -> torch.Generator:
+    """A CPU generator for the draws of one training step; `stream` keeps different draws independent."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 101 + stream)

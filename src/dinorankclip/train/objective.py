@@ -2,8 +2,8 @@
 
 `plackett_luce` is the whole family of METHOD.md §2 — order 0 is CLIP, order 1 RankCLIP, order R >= 2 adds the
 transition heads — with the rank weight following its schedule over training progress; `cyclip` is the CyCLIP
-baseline. Both return the total loss and its detached parts (tensors: converting them syncs the device, so the
-loop only does it on logging steps).
+baseline; `alip` the ALIP baseline (image, raw text and synthetic caption). All return the total loss and its
+detached parts (tensors: converting them syncs the device, so the loop only does it on logging steps).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from dinorankclip.losses import HighOrderRankLoss, cyclip_terms, rank_weight
+from dinorankclip.losses.alip import AlipObjective
 
 
 class PlackettLuceObjective(nn.Module):
@@ -40,7 +41,7 @@ class CyclipObjective(nn.Module):
         return terms.total, {f"loss/{k}": v for k, v in terms.parts.items()}
 
 
-OBJECTIVES = {"plackett_luce": PlackettLuceObjective, "cyclip": CyclipObjective}
+OBJECTIVES = {"plackett_luce": PlackettLuceObjective, "cyclip": CyclipObjective, "alip": AlipObjective}
 
 
 def build_objective(loss: dict, embed_dim: int, seed: int) -> nn.Module:

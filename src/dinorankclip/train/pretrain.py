@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
+from dinorankclip.config import reads_captions
 from dinorankclip.data.loader import GlobalBatches, ShardPairs, pair_loader, split_indices
 from dinorankclip.io import fingerprint, read_json, write_json
 from dinorankclip.models.clip import create_clip, export_local_dir
@@ -26,6 +27,7 @@ from dinorankclip.train import checkpoint, ddp
 from dinorankclip.train.flops import device_hours, mfu, peak_flops
 from dinorankclip.train.objective import build_objective
 from dinorankclip.train.optim import make_optimizer, make_schedule, param_groups
+from dinorankclip.train.patch import PatchObjective
 from dinorankclip.train.preemption import Preempted, stop_on_signals
 from dinorankclip.train.step import NonFiniteLoss, TrainStep, autocast, gate_alpha, update
 from dinorankclip.train.student import Student, distills
@@ -43,20 +45,22 @@ def setup_torch(seed: int, threads: int) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def build_student(cfg: dict, teacher_dirs: dict[str, Path], device: torch.device):
+def build_student(cfg: dict, stage_dirs: dict[str, Path], device: torch.device):
     """(Student, transform, injection spec, teacher feature index or None) for the run described by `cfg`."""
     injection = cfg["injection"]
     model, transform, spec = create_clip(cfg["model"]["arch"], injection, len(cfg["teacher"]["blocks"]))
+    if cfg["patch_loss"]["name"] != "none":
+        return Student(model, patch=PatchObjective(model.visual, cfg["patch_loss"], cfg["seed"])), transform, spec, None
     if not distills(model):
         return Student(model), transform, spec, None
     if injection["teacher"] == "online":
         from dinorankclip.models.teacher import WEIGHTS_FILE, OnlineTeacher, load_teacher
 
-        frozen = load_teacher(cfg["teacher"], teacher_dirs["teacher_weights"] / WEIGHTS_FILE, device)
+        frozen = load_teacher(cfg["teacher"], stage_dirs["teacher_weights"] / WEIGHTS_FILE, device)
         online = OnlineTeacher(frozen, cfg["teacher"]["blocks"], cfg["teacher"]["grid"],
                                model.visual.tower.preprocess_cfg["mean"], model.visual.tower.preprocess_cfg["std"])
         return Student(model, frozen.embed_dim, injection["distill"]["tau"], online), transform, spec, None
-    cache = teacher_dirs["teacher"]
+    cache = stage_dirs["teacher"]
     width = read_json(cache / "stats.json")["patch_channels"]
     return Student(model, width, injection["distill"]["tau"]), transform, spec, cache / "features.json"
 
@@ -64,7 +68,7 @@ def build_student(cfg: dict, teacher_dirs: dict[str, Path], device: torch.device
 def run_fingerprint(cfg: dict, data_dir: Path) -> str:
     """What a checkpoint was trained on: the run's computing settings and the shard index. A checkpoint of other
     settings is never resumed."""
-    settings = {key: cfg[key] for key in ("seed", "loss", "injection", "teacher", "model")}
+    settings = {key: cfg[key] for key in ("seed", "loss", "injection", "teacher", "model", "captions", "patch_loss")}
     settings["pretrain"] = {k: v for k, v in cfg["pretrain"].items() if k not in EXECUTION_KEYS}
     return fingerprint([data_dir / "shards.json"], settings)
 
@@ -77,8 +81,14 @@ def resumable_run_id(state: Path) -> str | None:
 
 
 def batch_to(batch, device: torch.device):
-    teacher = batch.teacher.to(device, non_blocking=True) if batch.teacher is not None else None
-    return batch.images.to(device, non_blocking=True), batch.tokens.to(device, non_blocking=True), teacher
+    """(images, tokens, teacher maps or None, second-caption tokens or None) on `device`."""
+    return tuple(None if x is None else x.to(device, non_blocking=True)
+                 for x in (batch.images, batch.tokens, batch.teacher, batch.captions))
+
+
+def captions_index(cfg: dict, stage_dirs: dict[str, Path]) -> Path | None:
+    """The captions stage's index when the run reads second captions (ALIP, caption sampling), else None."""
+    return stage_dirs["captions"] / "captions.json" if reads_captions(cfg) else None
 
 
 @torch.no_grad()
@@ -88,9 +98,9 @@ def validation_loss(step_module: TrainStep, dataset: ShardPairs, batches: Global
     step_module.eval()
     total, count = torch.zeros((), device=world.device), 0
     for batch in pair_loader(dataset, batches, workers=0):
-        images, tokens, teacher = batch_to(batch, world.device)
+        images, tokens, teacher, captions = batch_to(batch, world.device)
         with autocast(world.device, precision):
-            loss, _ = step_module(images, tokens, teacher, step, total_steps)
+            loss, _ = step_module(images, tokens, teacher, step, total_steps, captions)
         total, count = total + loss.float(), count + 1
     step_module.train()
     if world.size > 1:
@@ -113,24 +123,26 @@ class Progress:
         vars(self).update(state)
 
 
-def pretrain(cfg: dict, data_dir: Path, teacher_dirs: dict[str, Path], out: Path | None, tracker,
+def pretrain(cfg: dict, data_dir: Path, stage_dirs: dict[str, Path], out: Path | None, tracker,
              state: Path) -> dict | None:
-    """Train the run described by `cfg` on the shards in `data_dir` (with the teacher stage outputs in
-    `teacher_dirs` when it distils), checkpointing into `state`; rank 0 exports the model into `out`."""
+    """Train the run described by `cfg` on the shards in `data_dir` (with the outputs of the other stages it
+    reads in `stage_dirs`: teacher, teacher_weights, captions), checkpointing into `state`; rank 0 exports the
+    model into `out`."""
     opt = cfg["pretrain"]
     world = ddp.init_world()
     setup_torch(cfg["seed"], opt["threads"])
-    student, transform, spec, features = build_student(cfg, teacher_dirs, world.device)
+    student, transform, spec, features = build_student(cfg, stage_dirs, world.device)
     model = student.model
     if opt["grad_checkpointing"]:
         model.set_grad_checkpointing(True)
     objective = build_objective(cfg["loss"], model.text_projection.shape[1], cfg["seed"])
-    step_module = TrainStep(student, objective, cfg["injection"], cfg["loss"], gather=world.size > 1)
+    step_module = TrainStep(student, objective, cfg, gather=world.size > 1)
     step_module.to(world.device).train()
 
     import open_clip
 
-    dataset = ShardPairs(data_dir / "shards.json", transform, open_clip.get_tokenizer(cfg["model"]["arch"]), features)
+    dataset = ShardPairs(data_dir / "shards.json", transform, open_clip.get_tokenizer(cfg["model"]["arch"]), features,
+                         captions_index(cfg, stage_dirs))
     train_idx, val_idx = split_indices(len(dataset), opt["val_samples"], cfg["seed"])
     batches = GlobalBatches(train_idx, opt["batch_size"], cfg["seed"], world.rank, world.size)
     val_batches = (GlobalBatches(val_idx, min(opt["batch_size"], len(val_idx) // world.size * world.size),
@@ -175,10 +187,10 @@ def pretrain(cfg: dict, data_dir: Path, teacher_dirs: dict[str, Path], out: Path
                 t_step = time.perf_counter()
                 step = progress.step
                 lr = set_lr(step)
-                images, tokens, teacher = batch_to(batch, world.device)
+                images, tokens, teacher, captions = batch_to(batch, world.device)
                 with FlopCounterMode(display=False) if not progress.flops_per_step else nullcontext() as counter:
                     with autocast(world.device, opt["precision"]):
-                        loss, terms = trained(images, tokens, teacher, step, total_steps)
+                        loss, terms = trained(images, tokens, teacher, step, total_steps, captions)
                     try:
                         grad_norm = update(step_module, loss, optimizer, model, opt["grad_clip"])
                     except NonFiniteLoss as err:

@@ -14,6 +14,7 @@ import math
 import torch
 from torch import nn
 
+from dinorankclip.train.caption_sampling import sample_captions
 from dinorankclip.train.student import Student, distill_loss, distill_weight
 
 MAX_LOGIT_SCALE = math.log(100.0)
@@ -24,31 +25,50 @@ class NonFiniteLoss(FloatingPointError):
 
 
 class TrainStep(nn.Module):
-    """student + objective; `forward(images, tokens, teacher, step, total_steps)` → (loss, detached terms)."""
+    """student + objective of the run resolved in `cfg`; `forward(images, tokens, teacher, step, total_steps,
+    captions)` → (loss, detached terms).
 
-    def __init__(self, student: Student, objective: nn.Module, injection: dict, loss: dict, gather: bool):
+    `captions` (the second caption of each image, or None) feed the run's caption sampling (`captions.sampling`)
+    and an objective that reads both texts (ALIP).
+    """
+
+    def __init__(self, student: Student, objective: nn.Module, cfg: dict, gather: bool):
         super().__init__()
         self.student, self.objective = student, objective
-        self.injection, self.loss_cfg, self.gather = injection, loss, gather
+        self.injection, self.loss_cfg, self.gather = cfg["injection"], cfg["loss"], gather
+        self.p_synthetic = float(cfg["captions"]["sampling"]["synthetic"])
+        self.patch_weight, self.seed = cfg["patch_loss"]["weight"], cfg["seed"]
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor, teacher: torch.Tensor | None, step: int,
-                total_steps: int) -> tuple[torch.Tensor, dict]:
-        out = self.student(images, tokens, teacher)
+                total_steps: int, captions: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+        if self.p_synthetic:
+            tokens = sample_captions(tokens, captions, self.p_synthetic, self.seed, step)
+        reads_captions = getattr(self.objective, "uses_captions", False)
+        out = self.student(images, tokens, teacher, captions if reads_captions else None, step)
+        extra = {"caption": out.caption.float()} if reads_captions else {}
         # the objective (and the distillation terms) run in fp32 whatever the autocast of the towers
         with torch.autocast(device_type=images.device.type, enabled=False):
             loss, terms = self.objective(out.image.float(), out.text.float(), out.scale.float(), step, total_steps,
-                                         gather=self.gather)
+                                         gather=self.gather, **extra)
             if out.distill is not None:
                 kd_weight = distill_weight(self.injection, self.loss_cfg, step, total_steps)
                 loss = loss + kd_weight * distill_loss(out.distill, self.injection)
                 terms.update({"loss/distill_feature": out.distill.feature.detach(),
                               "loss/distill_relational": out.distill.relational.detach(),
                               "distill_weight": kd_weight})
+            if out.patch is not None:
+                loss = loss + self.patch_weight * out.patch
+                terms["loss/patch"] = out.patch.detach()
         alpha = gate_alpha(self.student.model)
         if alpha is not None:
             terms["gate_alpha"] = alpha.detach()
         terms["logit_scale"] = out.scale.detach()
         return loss, terms
+
+    def after_step(self) -> None:
+        """Updates that follow the optimizer step: the patch objective's head-only EMA."""
+        if self.student.patch is not None:
+            self.student.patch.after_step()
 
 
 def gate_alpha(model: nn.Module) -> torch.Tensor | None:
@@ -79,4 +99,5 @@ def update(step_module: nn.Module, loss: torch.Tensor, optimizer: torch.optim.Op
     optimizer.step()
     with torch.no_grad():
         model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+    step_module.after_step()
     return grad_norm

@@ -24,6 +24,8 @@ class StepOutput(NamedTuple):
     text: torch.Tensor  # [B, D] normalised text embeddings
     scale: torch.Tensor  # the learned logit scale, exp'ed
     distill: DistillTerms | None
+    caption: torch.Tensor | None = None  # [B, D] normalised embeddings of the second captions (ALIP)
+    patch: torch.Tensor | None = None  # the patch objective's loss (iBOT / iBOT++)
 
 
 def distills(model: nn.Module) -> bool:
@@ -32,14 +34,16 @@ def distills(model: nn.Module) -> bool:
 
 
 class Student(nn.Module):
-    """open_clip model + distillation head (+ online teacher); `forward(images, tokens, teacher_maps)`.
+    """open_clip model + distillation head (+ online teacher) (+ patch objective);
+    `forward(images, tokens, teacher_maps, captions, step)`.
 
     `teacher_maps` are the cached teacher patch maps [B, S, C_t, g, g] of the batch; None with an online teacher,
-    which computes them from the images (`dinorankclip.models.teacher.OnlineTeacher`).
+    which computes them from the images (`dinorankclip.models.teacher.OnlineTeacher`). `captions` are the token
+    ids of the second captions, encoded by the same text tower in the same call (ALIP).
     """
 
     def __init__(self, model: nn.Module, teacher_channels: int | None = None, tau: float = 0.1,
-                 online_teacher: nn.Module | None = None) -> None:
+                 online_teacher: nn.Module | None = None, patch: nn.Module | None = None) -> None:
         super().__init__()
         self.model = model
         self.distill = None
@@ -48,19 +52,31 @@ class Student(nn.Module):
                 raise ValueError("an injected student needs the teacher's channel width for its distillation head")
             self.distill = DistillHead(model.visual.branch.channels, teacher_channels, len(model.visual.taps), tau)
         self.online_teacher = online_teacher
+        self.patch = patch
 
-    def forward(self, images: torch.Tensor, tokens: torch.Tensor,
-                teacher_maps: torch.Tensor | None = None) -> StepOutput:
-        text = self.model.encode_text(tokens, normalize=True)
+    def encode_texts(self, tokens: torch.Tensor, captions: torch.Tensor | None):
+        """(text, second-caption) embeddings, from one pass of the text tower over both when there are two."""
+        if captions is None:
+            return self.model.encode_text(tokens, normalize=True), None
+        both = self.model.encode_text(torch.cat([tokens, captions]), normalize=True)
+        return both[: len(tokens)], both[len(tokens):]
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor, teacher_maps: torch.Tensor | None = None,
+                captions: torch.Tensor | None = None, step: int = 0) -> StepOutput:
+        text, caption = self.encode_texts(tokens, captions)
         scale = self.model.logit_scale.exp()
+        if self.patch is not None:
+            image, patch = self.patch(self.model.visual, images, step)
+            return StepOutput(image, text, scale, None, caption, patch)
         if self.distill is None:
-            return StepOutput(self.model.encode_image(images, normalize=True), text, scale, None)
+            return StepOutput(self.model.encode_image(images, normalize=True), text, scale, None, caption)
         features = self.model.visual.features(images)
         if self.online_teacher is not None:
             teacher_maps = self.online_teacher(images)
         if teacher_maps is None:
             raise ValueError("this run distils from the teacher, but the batch has no teacher features")
-        return StepOutput(F.normalize(features.z, dim=-1), text, scale, self.distill(features.maps, teacher_maps))
+        return StepOutput(F.normalize(features.z, dim=-1), text, scale, self.distill(features.maps, teacher_maps),
+                          caption)
 
 
 def distill_weight(injection: dict, loss: dict, step: int, total_steps: int) -> float:
