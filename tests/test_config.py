@@ -12,10 +12,10 @@ from dinorankclip.config import (
     finetune_stages,
     load_params,
     model_stage,
+    pretrain_stages,
     resolve,
     run_names,
     suite_names,
-    pretrain_stages,
     teacher_stages,
     validate_params,
 )

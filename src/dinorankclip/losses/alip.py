@@ -83,9 +83,8 @@ class AlipObjective(nn.Module):
         if self.training:
             current = batch_similarities(v, t, c).to(self.means.dtype)
             self.means.mul_(self.momentum).add_((1 - self.momentum) * current)
-        weights = gate_weights(image.detach(), text.detach(), caption.detach(), self.means.to(image.dtype),
-                               self.sharpness)
-        return weights
+        return gate_weights(image.detach(), text.detach(), caption.detach(), self.means.to(image.dtype),
+                            self.sharpness)
 
     def forward(self, image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, step: int, total_steps: int,
                 gather: bool = False, caption: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
