@@ -77,7 +77,7 @@ def test_a_changed_parameter_reruns_exactly_the_stages_that_read_it(pulled):
     log = sh(["dvc", "repro", "report"], fresh)
     ran = set(re.findall(r"Running stage '([^']+)'", log))
     assert ran == {"evaluate@clip", "evaluate_finetuned@clip-kuea", "report"}, log
-    for skipped in ("source", "data", "teacher_weights", "teacher", "pretrain@clip", "finetune@clip-kuea"):
+    for skipped in ("source", "data", "teacher_weights", "teacher", "captions", "pretrain@clip", "finetune@clip-kuea"):
         assert f"Stage '{skipped}' didn't change, skipping" in log, (skipped, log)
     assert "Data and pipelines are up to date." in sh(["dvc", "status"], fresh)
 

@@ -19,7 +19,8 @@ from slurm_cluster import Cluster
 pytestmark = [pytest.mark.slurm, pytest.mark.e2e,
               pytest.mark.skipif(os.geteuid() != 0, reason="slurmd runs jobs as their submitter only as root")]
 TEST_PROFILE = REPO / "tests" / "slurm_profile"
-SLURM_JOBS = {"teacher_weights": 1, "teacher": 1, "pretrain": 2, "finetune": 1, "evaluate": 2}  # pretrain: +1 retry
+SLURM_JOBS = {"teacher_weights": 1, "teacher": 1, "captions": 1, "pretrain": 2, "finetune": 1,
+              "evaluate": 2}  # pretrain: +1 retry
 GPU_RULES = {"teacher", "finetune", "evaluate"}  # gpu: 1 in profiles/default
 SIGNAL_AT_STEP = 3
 
