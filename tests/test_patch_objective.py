@@ -169,3 +169,14 @@ def test_a_vit_tower_uses_its_last_block_tokens():
     assert patch.tap == 1 and patch.grid == 4 and patch.cell == 8  # 32px in 8px patches
     image, loss = patch(model.visual, torch.randn(2, 3, 32, 32), 0)
     assert image.shape == (2, 64) and torch.allclose(image.norm(dim=-1), torch.ones(2)) and loss > 0
+
+
+@pytest.mark.parametrize("arch, tap", [("demo-rn-tiny", 1), ("demo-vit-tiny", 0)])
+def test_the_masked_pass_stops_at_the_tap_with_the_maps_of_the_full_pass(arch, tap):
+    from dinorankclip.models.injection import forward_taps, tap_maps
+
+    model, _, _ = create_clip(arch)
+    model.eval()
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(tap_maps(model.visual, images, [tap])[0], forward_taps(model.visual, images, [tap])[1][0],
+                          rtol=0, atol=1e-6)

@@ -19,11 +19,10 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from dinorankclip.losses.contrastive import LossTerms, cross_logits, full_precision, prepare
-from dinorankclip.losses.distributed import all_gather_with_grad, is_distributed
+from dinorankclip.losses.contrastive import LossTerms, clip_from_logits, cross_logits, full_precision, prepare
+from dinorankclip.losses.distributed import LocalBatch, all_gather_with_grad
 
 # A sample counts as inconsistent (its LCG weight < 1) only below 1 − this: identical raw and synthetic captions
 # give t·c = 1 up to rounding, and must leave every gate shut (ALIP's special case, see the notes).
@@ -31,7 +30,7 @@ LCG_TOLERANCE = 1e-6
 
 
 class Gates(NamedTuple):
-    """Per-sample weights of the global batch: LCG (sample), DCG image-text and image-caption (pair)."""
+    """Per-sample weights of this rank's rows: LCG (sample), DCG image-text and image-caption (pair)."""
 
     sample: torch.Tensor
     text: torch.Tensor
@@ -55,15 +54,6 @@ def batch_similarities(v: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> tor
     return torch.stack([(t * c).sum(-1).mean(), (v * t).sum(-1).mean(), (v * c).sum(-1).mean()])
 
 
-def weighted_clip(logits: tuple[torch.Tensor, torch.Tensor], offset: int, weight: torch.Tensor) -> torch.Tensor:
-    """mean over this rank's rows of weight_i · ½(CE(S_i, i) + CE(Sᵀ_i, i)); rows are local, weight too."""
-    s_rows, st_rows = logits
-    labels = torch.arange(s_rows.shape[0], device=s_rows.device) + offset
-    per_row = 0.5 * (F.cross_entropy(s_rows, labels, reduction="none")
-                     + F.cross_entropy(st_rows, labels, reduction="none"))
-    return (weight * per_row).mean()
-
-
 class AlipObjective(nn.Module):
     """The ALIP loss with its three running means as buffers (checkpointed, so a resumed run is identical)."""
 
@@ -75,27 +65,26 @@ class AlipObjective(nn.Module):
         self.register_buffer("means", torch.ones(3, dtype=torch.float64))
 
     @torch.no_grad()
-    def gates(self, image: torch.Tensor, text: torch.Tensor, caption: torch.Tensor, gather: bool) -> Gates:
+    def gates(self, raw: LocalBatch, syn: LocalBatch) -> Gates:
         """This rank's gate weights; the running means follow the global batch (updated in training mode)."""
-        v, t, c = image.detach(), text.detach(), caption.detach()
-        if gather and is_distributed():
-            v, t, c = (all_gather_with_grad(x) for x in (v, t, c))
         if self.training:
-            current = batch_similarities(v, t, c).to(self.means.dtype)
+            current = batch_similarities(raw.all_image, raw.all_text, syn.all_text).to(self.means.dtype)
             self.means.mul_(self.momentum).add_((1 - self.momentum) * current)
-        return gate_weights(image.detach(), text.detach(), caption.detach(), self.means.to(image.dtype),
-                            self.sharpness)
+        return gate_weights(raw.image, raw.text, syn.text, self.means.to(raw.image.dtype), self.sharpness)
 
     def forward(self, image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, step: int, total_steps: int,
                 gather: bool = False, caption: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
         if caption is None:
             raise ValueError("loss.name alip needs a synthetic caption per sample (the captions stage)")
         with full_precision(image.device):
-            g = self.gates(image, text, caption, gather)
-            raw, scale_t = prepare(image, text, scale, gather)
-            syn, _ = prepare(image, caption, scale, gather)
-            it = weighted_clip(cross_logits(raw, scale_t), raw.offset, g.sample * g.text)
-            ic = weighted_clip(cross_logits(syn, scale_t), syn.offset, g.sample * g.caption)
+            raw, scale = prepare(image, text, scale, gather)
+            # the caption branch shares the image rows and the gathered images; only the captions are gathered
+            captions = caption.to(raw.image.dtype)
+            syn = LocalBatch(raw.image, captions, raw.all_image,
+                             all_gather_with_grad(captions) if gather else captions, raw.offset)
+            g = self.gates(raw, syn)
+            it = clip_from_logits(*cross_logits(raw, scale), raw.offset, g.sample * g.text)
+            ic = clip_from_logits(*cross_logits(syn, scale), syn.offset, g.sample * g.caption)
         parts = LossTerms(it + ic, {"alip_text": it.detach(), "alip_caption": ic.detach(),
                                     "lcg_mean": g.sample.mean(), "lcg_fired": (g.sample < 1).float().mean()})
         return parts.total, {f"loss/{k}": v for k, v in parts.parts.items()}

@@ -58,10 +58,16 @@ def cross_logits(batch: LocalBatch, scale: Scale) -> tuple[torch.Tensor, torch.T
     return scale * (batch.image @ batch.all_text.T), scale * (batch.text @ batch.all_image.T)
 
 
-def clip_from_logits(s_rows: torch.Tensor, st_rows: torch.Tensor, offset: int) -> torch.Tensor:
-    """½[CE(S, diag) + CE(Sᵀ, diag)] over this rank's rows; the positive of local row i is global column offset+i."""
+def clip_from_logits(s_rows: torch.Tensor, st_rows: torch.Tensor, offset: int,
+                     weight: torch.Tensor | None = None) -> torch.Tensor:
+    """½[CE(S, diag) + CE(Sᵀ, diag)] over this rank's rows; the positive of local row i is global column offset+i.
+    With `weight` ([b], this rank's rows), the mean over rows of weight_i·½[CE(S_i) + CE(Sᵀ_i)] (ALIP's gates)."""
     labels = torch.arange(s_rows.shape[0], device=s_rows.device) + offset
-    return 0.5 * (F.cross_entropy(s_rows, labels) + F.cross_entropy(st_rows, labels))
+    if weight is None:
+        return 0.5 * (F.cross_entropy(s_rows, labels) + F.cross_entropy(st_rows, labels))
+    per_row = 0.5 * (F.cross_entropy(s_rows, labels, reduction="none")
+                     + F.cross_entropy(st_rows, labels, reduction="none"))
+    return (weight * per_row).mean()
 
 
 def clip_loss(image: torch.Tensor, text: torch.Tensor, scale: Scale, *, gather: bool = False) -> torch.Tensor:

@@ -108,6 +108,20 @@ def forward_taps(tower: nn.Module, x: torch.Tensor, taps: Sequence[int]) -> tupl
     return out["image_features"], out["image_intermediates"]
 
 
+def tap_maps(tower: nn.Module, x: torch.Tensor, taps: Sequence[int]) -> list[torch.Tensor]:
+    """The NCHW maps at `taps` alone, from a pass that stops after the last of them (no pooled embedding)."""
+    if isinstance(tower, ModifiedResNet):
+        x = tower.stem(x)
+        maps = []
+        for index, stage in enumerate(_resnet_stages(tower)[: max(taps) + 1]):
+            x = stage(x)
+            if index in taps:
+                maps.append(x)
+        return maps
+    return tower.forward_intermediates(x, indices=list(taps), output_fmt="NCHW", stop_early=True,
+                                       intermediates_only=True)["image_intermediates"]
+
+
 class InjectedImageEncoder(nn.Module):
     """An open_clip image tower plus branch L, multi-scale fusion and residual injection (see the module doc).
 

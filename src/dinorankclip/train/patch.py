@@ -23,7 +23,9 @@ from torch import nn
 
 from dinorankclip.losses.distributed import get_world_size, is_distributed, rank_rows, step_generator
 from dinorankclip.losses.ibot import PATCH_LOSSES, PrototypeHead, ema_update, ibot_loss
-from dinorankclip.models.injection import forward_taps, tap_widths
+from dinorankclip.models.injection import forward_taps, tap_maps, tap_widths
+
+MASK_STREAM = 1
 
 
 def default_tap(tower: nn.Module) -> int:
@@ -31,15 +33,12 @@ def default_tap(tower: nn.Module) -> int:
     return len(tap_widths(tower)) - 1
 
 
-MASK_STREAM = 1
-
-
 @torch.no_grad()
 def tap_grid(tower: nn.Module, tap: int, size: int) -> int:
     """The side of the token map at `tap`, from one probe pass in eval mode (batch-norm statistics untouched)."""
     training = tower.training
     tower.eval()
-    grid = forward_taps(tower, torch.zeros(1, 3, size, size), [tap])[1][0].shape[-1]
+    grid = tap_maps(tower, torch.zeros(1, 3, size, size), [tap])[0].shape[-1]
     tower.train(training)
     return grid
 
@@ -80,9 +79,9 @@ class PatchObjective(nn.Module):
         self.teacher_head = copy.deepcopy(self.head).requires_grad_(False)
         self.register_buffer("center", torch.zeros(cfg["prototypes"]))
 
-    def tokens(self, tower: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        embedding, maps = forward_taps(tower, images, [self.tap])
-        return embedding, maps[0].flatten(2).transpose(1, 2)  # [B, N, C]
+    @staticmethod
+    def as_tokens(tap_map: torch.Tensor) -> torch.Tensor:
+        return tap_map.flatten(2).transpose(1, 2)  # [B, C, h, w] -> [B, N, C]
 
     def masked(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         """`images` with the patches of masked tokens replaced by the learned patch."""
@@ -93,10 +92,12 @@ class PatchObjective(nn.Module):
 
     def forward(self, tower: nn.Module, images: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(normalised image embeddings of the unmasked images, the patch loss)."""
-        embedding, visible = self.tokens(tower, images)
+        embedding, maps = forward_taps(tower, images, [self.tap])
+        visible = self.as_tokens(maps[0])
         masks = token_masks(visible.shape[0], visible.shape[1], tuple(self.cfg["mask_ratio"]), self.seed,
                             step).to(images.device)
-        _, student_tokens = self.tokens(tower, self.masked(images, masks))
+        # the masked view is needed only up to the tap: its pass stops there
+        student_tokens = self.as_tokens(tap_maps(tower, self.masked(images, masks), [self.tap])[0])
         with torch.no_grad():
             teacher = self.teacher_head(visible.detach())
         loss = ibot_loss(self.head(student_tokens), teacher, masks, self.center, self.cfg["student_temp"],

@@ -38,14 +38,14 @@ class TrainStep(nn.Module):
         self.injection, self.loss_cfg, self.gather = cfg["injection"], cfg["loss"], gather
         self.p_synthetic = float(cfg["captions"]["sampling"]["synthetic"])
         self.patch_weight, self.seed = cfg["patch_loss"]["weight"], cfg["seed"]
+        self.reads_captions = getattr(objective, "uses_captions", False)
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor, teacher: torch.Tensor | None, step: int,
                 total_steps: int, captions: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
         if self.p_synthetic:
             tokens = sample_captions(tokens, captions, self.p_synthetic, self.seed, step)
-        reads_captions = getattr(self.objective, "uses_captions", False)
-        out = self.student(images, tokens, teacher, captions if reads_captions else None, step)
-        extra = {"caption": out.caption.float()} if reads_captions else {}
+        out = self.student(images, tokens, teacher, captions if self.reads_captions else None, step)
+        extra = {"caption": out.caption.float()} if self.reads_captions else {}
         # the objective (and the distillation terms) run in fp32 whatever the autocast of the towers
         with torch.autocast(device_type=images.device.type, enabled=False):
             loss, terms = self.objective(out.image.float(), out.text.float(), out.scale.float(), step, total_steps,
