@@ -28,9 +28,13 @@ $(VENV)/.installed: uv.lock pyproject.toml | $(UV)
 	$(UV) sync --frozen
 	touch $@
 
+# dvc.yaml is generated from params.yaml (the study's (run, seed) pairs); rewritten only when its text changes.
+dvc.yaml: params.yaml $(VENV)/.installed
+	dinorankclip dvc-yaml && touch $@
+
 # The whole demo study: world -> download -> teacher features -> pretraining -> evaluation -> report.
 # Snakemake runs the DAG; `dvc commit` then records the outputs in dvc.lock, so `dvc status` is clean too.
-demo: install
+demo: install dvc.yaml
 	snakemake all --config study=$(STUDY)
 	dvc commit --force --quiet
 	@echo

@@ -9,12 +9,15 @@ from dinorankclip.config import (
     ParamsError,
     deep_merge,
     evaluated_runs,
+    finetune_runs,
     finetune_stages,
     load_params,
     model_stage,
     pretrain_stages,
     resolve,
     run_names,
+    run_seeds,
+    seeded,
     suite_names,
     teacher_stages,
     validate_params,
@@ -159,3 +162,60 @@ def test_a_finetuned_run_resolves_to_its_start_under_its_own_name(params):
     assert finetune_stages(cfg) == ["data", "teacher"]
     params["studies"]["demo"]["finetune"]["data"] = {"kind": "folder", "path": "data/imagenet/train"}
     assert finetune_stages(resolve(params, "demo", "clip-kuea")) == ["teacher_weights"]
+
+
+def test_a_study_runs_its_own_list_fine_tuned_runs_and_seeds(params):
+    demo = params["studies"]["demo"]
+    assert run_names(params, "demo") == list(params["runs"]) and run_seeds(params, "demo", "clip") == [0]
+    demo.update(runs=["clip", "drc-r3"], finetune_runs={"drc-r3-kuea": "drc-r3"},
+                seeds={"default": [3], "drc-r3": [0, 1, 2]})
+    validate_params(params)
+    assert run_names(params, "demo") == ["clip", "drc-r3"] and run_names(params, "paper") == list(params["runs"])
+    assert finetune_runs(params, "demo") == {"drc-r3-kuea": "drc-r3"} and "clip-kuea" in finetune_runs(params, "paper")
+    assert seeded(params, evaluated_runs(params, "demo"), "demo") == [
+        ("clip", 3), ("drc-r3", 0), ("drc-r3", 1), ("drc-r3", 2),
+        ("drc-r3-kuea", 0), ("drc-r3-kuea", 1), ("drc-r3-kuea", 2)]  # a fine-tuned run: its start run's seeds
+    assert run_seeds(params, "demo", "drc-r3-fusion-v5") == [0, 1, 2]  # an alias: its run's seeds
+    cfg = resolve(params, "demo", "drc-r3", 2)
+    assert (cfg["seed"], cfg["study_seed"]) == (2, params["seed"])
+    assert resolve(params, "demo", "clip")["seed"] == 3  # the run's first seed by default
+    assert resolve(params, "demo", "drc-r3-kuea", 1)["seed"] == 1
+    assert "seeds" not in resolve(params, "demo") and "runs" not in resolve(params, "demo")  # plan, not settings
+    with pytest.raises(ParamsError, match=r"studies.demo.seeds: run drc-r3 trains under seeds \[0, 1, 2\], not 5"):
+        resolve(params, "demo", "drc-r3", 5)
+
+
+@pytest.mark.parametrize("study_block, message", [
+    ({"runs": ["clip", "nope"]}, "studies.demo.runs: 'nope' is not in runs"),
+    ({"runs": ["clip", "drc-r3-fusion-v5"]}, "'drc-r3-fusion-v5' is not in runs (an alias: name 'drc-r3')"),
+    ({"runs": ["clip", "clip"]}, "studies.demo.runs: lists a run twice"),
+    ({"runs": ["clip"]}, "studies.demo: fine-tuned run drc-r3-kuea starts from 'drc-r3', which this study does not"),
+    ({"runs": ["clip"], "finetune_runs": {"x-kuea": "drc-r3"}},
+     "studies.demo.finetune_runs.x-kuea: starts from 'drc-r3', which this study does not train"),
+    ({"runs": ["clip"], "finetune_runs": {}, "seeds": {"cyclip": [1]}},
+     "studies.demo.seeds.cyclip: not a run this study trains"),
+    ({"seeds": {"default": []}}, "studies.demo.seeds.default: [] should be non-empty"),
+    ({"seeds": {"clip": [1, 1]}}, "studies.demo.seeds.clip: [1, 1] has non-unique elements"),
+    ({"seeds": {"clip": [-1]}}, "studies.demo.seeds.clip.0: -1 is less than the minimum of 0"),
+    ({"pretrain": {"max_steps": 0}}, "studies.demo.pretrain.max_steps: 0 is less than the minimum of 1"),
+])
+def test_bad_study_plans_fail_naming_the_key(params, study_block, message):
+    params["studies"]["demo"] = deep_merge(params["studies"]["demo"], study_block)
+    with pytest.raises(ParamsError) as err:
+        validate_params(params, "params.yaml")
+    assert message in str(err.value)
+
+
+def test_later_params_files_merge_over_earlier_ones_as_snakemake_configfiles_do(tmp_path):
+    from helpers import REPO
+
+    extra = tmp_path / "subset.yaml"
+    extra.write_text("study: paper\nstudies:\n  paper:\n    runs: [clip]\n    finetune_runs: {}\n"
+                     "    pretrain: {max_steps: 3}\n")
+    params = load_params([REPO / "params.yaml", extra])
+    assert run_names(params) == ["clip"] and evaluated_runs(params) == ["clip"]
+    assert resolve(params, None, "clip")["pretrain"]["max_steps"] == 3
+    assert resolve(params, None, "clip")["pretrain"]["lr"] == 5e-4  # the rest of the paper study is kept
+    extra.write_text("studies: [unclosed\n")
+    with pytest.raises(ParamsError, match="subset.yaml is not valid YAML"):
+        load_params([REPO / "params.yaml", extra])

@@ -209,3 +209,29 @@ def test_gradient_checkpointing_recomputes_the_same_steps(inputs, tmp_path, monk
     assert calls[0] > 0
     a, b = weights(tmp_path / "plain"), weights(tmp_path / "checkpointed")
     assert all(torch.equal(a[k], b[k]) for k in a) and plain["val_loss"] == checkpointed["val_loss"]
+
+
+def test_training_seeds_differ_an_identical_seed_repeats_and_the_split_is_the_study_seeds(inputs, tmp_path,
+                                                                                         monkeypatch):
+    splits = []
+    real_split = pretrain.split_indices
+    monkeypatch.setattr(pretrain, "split_indices", lambda *a: splits.append(a) or real_split(*a))
+    cfg = run_cfg("drc-r3", epochs=1)
+    seed0 = train(cfg, inputs, tmp_path, "seed0")
+    cfg1 = {**cfg, "seed": 1}
+    seed1, again = train(cfg1, inputs, tmp_path, "seed1"), train(cfg1, inputs, tmp_path, "seed1-again")
+    a, b, c = (weights(tmp_path / name) for name in ("seed0", "seed1", "seed1-again"))
+    assert all(torch.equal(b[k], c[k]) for k in b) and seed1["val_loss"] == again["val_loss"]
+    assert not torch.equal(a["text_projection"], b["text_projection"])  # another initialisation
+    assert seed0["val_loss"] != seed1["val_loss"] and (seed0["seed"], seed1["seed"]) == (0, 1)
+    assert {s[2] for s in splits} == {cfg["study_seed"]}  # one held-out split for every seed
+
+
+def test_a_step_cap_ends_the_run_part_way_and_the_schedule_spans_the_capped_run(inputs, tmp_path):
+    full, capped = Recorder(), Recorder()
+    train(run_cfg("clip"), inputs, tmp_path, "full", full)
+    metrics = train(run_cfg("clip", max_steps=4), inputs, tmp_path, "capped", capped)
+    assert (metrics["steps"], metrics["epochs"], len(metrics["val_loss"])) == (4, 2, 2)  # the 2nd epoch is partial
+    assert max(capped.metrics) == 4 and "val_loss" in capped.metrics[4]
+    # warmup (2 steps) then a cosine over the remaining 2 capped steps, not over the 4 of the full run
+    assert capped.metrics[2]["lr"] == full.metrics[2]["lr"] and capped.metrics[4]["lr"] < full.metrics[4]["lr"]

@@ -49,12 +49,12 @@ def test_job_run_records_params_metrics_artifacts_and_failure(tmp_path, monkeypa
     client = MlflowClient(f"sqlite:///{tmp_path / 'results/demo/mlflow.db'}")
     runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("dinorankclip/demo")
                                                             .experiment_id])}
-    assert runs["pretrain/clip"].info.status == "FINISHED" and runs["evaluate/clip"].info.status == "FAILED"
-    assert runs["pretrain/clip"].data.params["pretrain.lr"] == "0.1"
-    assert runs["pretrain/clip"].data.tags["run"] == "clip"
-    history = client.get_metric_history(runs["pretrain/clip"].info.run_id, "loss")
+    assert runs["pretrain/clip/seed0"].info.status == "FINISHED" and runs["evaluate/clip/seed0"].info.status == "FAILED"
+    assert runs["pretrain/clip/seed0"].data.params["pretrain.lr"] == "0.1"
+    assert runs["pretrain/clip/seed0"].data.tags["run"] == "clip"
+    history = client.get_metric_history(runs["pretrain/clip/seed0"].info.run_id, "loss")
     assert [(m.step, m.value) for m in history] == [(0, 1.0), (1, 0.5), (2, 1 / 3)]
-    assert [a.path for a in client.list_artifacts(runs["pretrain/clip"].info.run_id)] == ["art.json"]
+    assert [a.path for a in client.list_artifacts(runs["pretrain/clip/seed0"].info.run_id)] == ["art.json"]
 
 
 def test_jobs_are_children_of_one_study_run_and_a_resumed_job_continues_its_run(tmp_path, monkeypatch):
@@ -75,10 +75,11 @@ def test_jobs_are_children_of_one_study_run_and_a_resumed_job_continues_its_run(
     client = MlflowClient(f"sqlite:///{study / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("dinorankclip/demo").experiment_id])
     by_name = {r.info.run_name: r for r in runs}
-    assert sorted(by_name) == ["evaluate/clip", "pretrain/clip", "study/demo"] and len(runs) == 3
+    assert sorted(by_name) == ["evaluate/clip/seed0", "pretrain/clip/seed0", "study/demo"] and len(runs) == 3
     parent = by_name["study/demo"].info.run_id
-    assert all(by_name[n].data.tags["mlflow.parentRunId"] == parent for n in ("pretrain/clip", "evaluate/clip"))
-    resumed = by_name["pretrain/clip"]
+    assert all(by_name[n].data.tags["mlflow.parentRunId"] == parent
+               for n in ("pretrain/clip/seed0", "evaluate/clip/seed0"))
+    resumed = by_name["pretrain/clip/seed0"]
     assert second.run_id == first.run_id == resumed.info.run_id and resumed.info.status == "FINISHED"
     assert resumed.data.tags["resumed"] == "true"
     assert [(m.step, m.value) for m in client.get_metric_history(first.run_id, "loss")] == [(1, 2.0), (2, 1.0)]

@@ -37,7 +37,7 @@ def write(path, obj):
 def write_study(root):
     """results/<study> with evaluate (zero-shot, linear_probe, modality_gap), pretrain and finetune metrics."""
     for run, (colour, ood, t2i, i2t, probe) in VALUES.items():
-        ev = root / "evaluate" / run
+        ev = root / "evaluate" / run / "seed0"
         write(ev / "demo-colour.json", {"dataset": "wds/demo-colour", "task": "zeroshot_classification",
                                         "classnames": list("abcdef"),
                                         "metrics": {"acc1": colour, "acc5": 1.0, "mean_per_class_recall": colour}})
@@ -56,8 +56,9 @@ def write_study(root):
             "dataset": "wds/demo-retrieval", "task": "modality_gap", "nodes": nodes, "centroid_distances": dist,
             "metrics": {"centroid_gap": gap, "alignment": align, "uniformity_image": uni_i, "uniformity_text": uni_t}})
     for run, hours in (("clip", 0.5), ("rankclip", 0.25)):
-        write(root / "pretrain" / run / "metrics.json", {"device_hours": hours, "device_hours_unit": "CPU-core-hours"})
-    write(root / "finetune" / "clip-kuea" / "metrics.json", {"device_hours": 0.125, "device": "cpu",
+        write(root / "pretrain" / run / "seed0" / "metrics.json", {"device_hours": hours,
+                                                                  "device_hours_unit": "CPU-core-hours"})
+    write(root / "finetune" / "clip-kuea" / "seed0" / "metrics.json", {"device_hours": 0.125, "device": "cpu",
                                                              "kernel_loss_first": 0.125, "kernel_loss_last": 0.0625})
     return root
 
@@ -67,7 +68,8 @@ def study(tmp_path):
     return write_study(tmp_path / "results" / "demo")
 
 
-SPEC = dict(study="demo", runs=list(VALUES), benchmarks=BENCHMARKS)
+SEEDS = dict.fromkeys(VALUES, [0])
+SPEC = dict(study="demo", runs=list(VALUES), benchmarks=BENCHMARKS, seeds=SEEDS)
 
 
 @pytest.fixture(scope="module")
@@ -199,24 +201,26 @@ def test_kuea_table_holds_before_after_and_the_difference(report):
 def test_tables_of_absent_runs_or_suites_are_skipped(study, tmp_path):
     out = tmp_path / "report"
     out.mkdir()
-    build_report(ReportSpec(study="demo", runs=["clip", "rankclip"], benchmarks=["demo-colour"]), study, out)
+    build_report(ReportSpec(study="demo", runs=["clip", "rankclip"], benchmarks=["demo-colour"], seeds=SEEDS), study,
+                 out)
     assert {p.stem for p in out.iterdir()} == {"main"}
     assert "<td><b>75.0</b></td><td>0.25</td>" in (out / "main.html").read_text()
     assert md_rows(out, "main") == ["| clip | 50.0 | 0.5 |", "| rankclip | **75.0** | 0.25 |", "| chance | 16.7 | – |"]
 
 
 def test_missing_files_are_named(study, tmp_path):
-    with pytest.raises(FileNotFoundError, match="rankclip/demo-shape.json"):
-        load_results(study / "evaluate", ["rankclip"], ["demo-shape"])
-    (study / "finetune" / "clip-kuea" / "metrics.json").unlink()
-    with pytest.raises(FileNotFoundError, match="finetune/clip-kuea/metrics.json"):
-        load_compute(study, ["clip", "clip-kuea"], TUNED)
+    with pytest.raises(FileNotFoundError, match="rankclip/seed0/demo-shape.json"):
+        load_results(study / "evaluate", ["rankclip"], ["demo-shape"], SEEDS)
+    (study / "finetune" / "clip-kuea" / "seed0" / "metrics.json").unlink()
+    with pytest.raises(FileNotFoundError, match="finetune/clip-kuea/seed0/metrics.json"):
+        load_compute(study, ["clip", "clip-kuea"], TUNED, SEEDS)
 
 
 def test_compute_units_are_named_and_mixed_units_say_so(study):
-    assert load_compute(study, ["clip", "rankclip"], {}) == ({"clip": 0.5, "rankclip": 0.25}, "CPU-core-hours")
-    write(study / "pretrain" / "rankclip" / "metrics.json", {"device_hours": 2.0, "device_hours_unit": "GPU-hours"})
-    assert load_compute(study, ["clip", "rankclip"], {})[1] == "CPU-core-hours + GPU-hours"
+    assert load_compute(study, ["clip", "rankclip"], {}, SEEDS) == ({"clip": 0.5, "rankclip": 0.25}, "CPU-core-hours")
+    write(study / "pretrain" / "rankclip" / "seed0" / "metrics.json", {"device_hours": 2.0,
+                                                                       "device_hours_unit": "GPU-hours"})
+    assert load_compute(study, ["clip", "rankclip"], {}, SEEDS)[1] == "CPU-core-hours + GPU-hours"
 
 
 def test_bold_never_marks_plain_columns_chance_or_a_single_row():
@@ -230,7 +234,7 @@ def test_bold_never_marks_plain_columns_chance_or_a_single_row():
 
 
 def test_main_table_without_compute_keeps_the_json_values(study):
-    table = main_table(load_results(study / "evaluate", ["rankclip", "clip"], ["demo-colour"]))
+    table = main_table(load_results(study / "evaluate", ["rankclip", "clip"], ["demo-colour"], SEEDS))
     assert list(table.index) == ["rankclip", "clip", "chance"]
     assert table["demo-colour top-1"].tolist()[:2] == [0.75, 0.5]
 

@@ -5,6 +5,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 from helpers import REPO, snapshot_repo, venv_env
 
 from dinorankclip.launch import training_command, training_resources
@@ -49,7 +50,7 @@ def test_paper_dry_run_on_a_fresh_clone_lists_every_job(fresh_clone, params):
                                          "pretrain": runs, "report": 1, "source": 1, "teacher": 1,
                                          "teacher_weights": 1, "captions": 1, "total": 7 + 2 * runs + 2 * tuned}
     assert "results/paper/pretrain/clip" in result.stdout and "MissingInput" not in result.stdout + result.stderr
-    evaluate_inputs = "results/paper/source, results/paper/teacher_weights, results/paper/finetune/clip-kuea"
+    evaluate_inputs = "results/paper/source, results/paper/teacher_weights, results/paper/finetune/clip-kuea/seed0"
     assert f"input: {evaluate_inputs}" in result.stdout
 
 
@@ -101,14 +102,30 @@ def test_drift_is_detected(fresh_clone, tmp_path):
     """The comparison above can fail: drop a dependency from dvc.yaml and it must."""
     clone = tmp_path / "drift"
     shutil.copytree(fresh_clone, clone)
-    text = (clone / "dvc.yaml").read_text()
-    then_model = "- results/${study}/teacher_weights\n        - results/${study}/pretrain"
-    dropped = text.replace("- results/${study}/source\n        " + then_model, then_model)
-    assert dropped != text
-    (clone / "dvc.yaml").write_text(dropped)
+    dvc_yaml = yaml.safe_load((clone / "dvc.yaml").read_text())
+    dvc_yaml["stages"]["evaluate"]["do"]["deps"].remove("results/demo/source")
+    (clone / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml))
     snake, dvc = snakemake_jobs(clone), dvc_stages(clone)
     evaluate = next(o for o in snake if "/evaluate/" in o)
     assert not any(covered(path, dep) for path in snake[evaluate] if "source" in path for dep in dvc[evaluate])
+
+
+def test_dvc_yaml_is_generated_from_params_and_a_stale_one_stops_dvc(fresh_clone, tmp_path):
+    """dvc.yaml is what `dinorankclip dvc-yaml` writes for params.yaml; after a change of the study's (run, seed)
+    pairs, a stage started by `dvc repro` refuses to run until dvc.yaml is regenerated."""
+    assert run(["dinorankclip", "dvc-yaml", "--check"], fresh_clone).returncode == 0
+    clone = tmp_path / "stale"
+    shutil.copytree(fresh_clone, clone)
+    params = yaml.safe_load((clone / "params.yaml").read_text())
+    params["studies"]["demo"]["seeds"] = {"default": [0], "clip": [0, 1]}
+    (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    stale = run(["dvc", "repro", "--single-item", "source"], clone)
+    assert stale.returncode != 0 and "dvc.yaml does not match params.yaml" in stale.stdout + stale.stderr
+    assert not (clone / "results" / "demo" / "source").exists()
+    assert run(["dinorankclip", "dvc-yaml"], clone).returncode == 0
+    stages = dvc_stages(clone)
+    assert {"results/demo/pretrain/clip/seed1", "results/demo/evaluate/clip/seed1"} <= set(stages)
+    assert "results/demo/pretrain/cyclip/seed1" not in stages
 
 
 def test_conda_env_pins_what_the_lock_pins(tmp_path):

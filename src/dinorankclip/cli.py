@@ -25,9 +25,11 @@ from dinorankclip.config import (
     model_stage,
     resolve,
     run_names,
+    run_seeds,
+    seeded,
     suite_names,
 )
-from dinorankclip.io import atomic_dir, write_json
+from dinorankclip.io import atomic_dir, atomic_write_bytes, write_json
 from dinorankclip.layout import stage_dir, state_dir, study_dir
 
 log = logging.getLogger("dinorankclip")
@@ -95,33 +97,34 @@ def cmd_pretrain(cfg: dict, args, tracker) -> None:
     """Rank 0 writes the output directory; under torchrun the other ranks train alongside and write nothing."""
     from dinorankclip.train.pretrain import pretrain
 
-    study, run = cfg["study"], cfg["run"]
+    study, job = cfg["study"], (cfg["run"], cfg["seed"])
     inputs = (stage_dir(study, "data"), {name: stage_dir(study, name) for name in READ_BY_PRETRAIN})
-    state = state_dir(study, "pretrain", run)
+    state = state_dir(study, "pretrain", *job)
     if tracker.run_id is None:
         pretrain(cfg, *inputs, None, tracker, state)
         return
-    with atomic_dir(stage_dir(study, "pretrain", run)) as out:
+    with atomic_dir(stage_dir(study, "pretrain", *job)) as out:
         write_config(cfg, out)
         pretrain(cfg, *inputs, out, tracker, state)
-    tracker.log_artifact(stage_dir(study, "pretrain", run) / "metrics.json")
+    tracker.log_artifact(stage_dir(study, "pretrain", *job) / "metrics.json")
 
 
 def finetune_dirs(cfg: dict) -> dict[str, Path]:
-    """What the finetune stage of a fine-tuned run reads: the study's data and teacher stages, and its start run."""
+    """What the finetune stage of a fine-tuned run reads: the study's data and teacher stages, and its start run
+    (the same seed)."""
     study = cfg["study"]
     return {**{name: stage_dir(study, name) for name in ("data",) + TEACHER_STAGES},
-            "start": stage_dir(study, "pretrain", cfg["finetune"]["start_run"])}
+            "start": stage_dir(study, "pretrain", cfg["finetune"]["start_run"], cfg["seed"])}
 
 
 def cmd_finetune(cfg: dict, args, tracker) -> None:
     from dinorankclip.train.finetune import finetune
 
-    study = cfg["study"]
-    with atomic_dir(stage_dir(study, "finetune", cfg["run"])) as out:
+    done = stage_dir(cfg["study"], "finetune", cfg["run"], cfg["seed"])
+    with atomic_dir(done) as out:
         write_config(cfg, out)
         finetune(cfg, finetune_dirs(cfg), out, tracker, args.source)
-    tracker.log_artifact(stage_dir(study, "finetune", cfg["run"]) / "metrics.json")
+    tracker.log_artifact(done / "metrics.json")
 
 
 def preflight_finetune(cfg: dict, args) -> None:
@@ -134,11 +137,11 @@ def preflight_finetune(cfg: dict, args) -> None:
 def cmd_evaluate(cfg: dict, args, tracker) -> None:
     from dinorankclip.eval.suites import evaluate_run
 
-    study = cfg["study"]
-    model_dir = stage_dir(study, args.model_stage, cfg["run"]) / "model"
-    with atomic_dir(stage_dir(study, "evaluate", cfg["run"])) as out:
+    study, job = cfg["study"], (cfg["run"], cfg["seed"])
+    model_dir = stage_dir(study, args.model_stage, *job) / "model"
+    written = stage_dir(study, "evaluate", *job)
+    with atomic_dir(written) as out:
         evaluate_run(cfg, model_dir, out, tracker, stage_dir(study, "teacher_weights"), state_dir(study, "features"))
-    written = stage_dir(study, "evaluate", cfg["run"])
     for path in sorted(written.rglob("*.json")):
         tracker.log_artifact(path, str(Path("evaluation") / path.parent.relative_to(written)))
 
@@ -159,8 +162,10 @@ def report_spec(params: dict, cfg: dict):
     from dinorankclip.report.build import ReportSpec
 
     study, ev = cfg["study"], cfg["evaluate"]
+    runs = evaluated_runs(params)
     return ReportSpec(
-        study=study, runs=evaluated_runs(params), benchmarks=suite_names(params, study),
+        study=study, runs=runs, benchmarks=suite_names(params, study),
+        seeds={run: run_seeds(params, study, run) for run in runs},
         sweep_orders={run: c["loss"]["order"] for run, c in report_runs(params, study, "order_sweep").items()},
         fusion_variants={FUSION_LABELS.get(c["injection"]["variant"], c["injection"]["variant"]): run
                          for run, c in report_runs(params, study, "fusion_ablation").items()},
@@ -173,9 +178,10 @@ def report_spec(params: dict, cfg: dict):
 
 
 def report_runs(params: dict, study: str, table: str) -> dict[str, dict]:
-    """{run: resolved config} of a report table's runs (aliases resolved); empty (no table) unless all are known."""
-    names = params["report"][table]
-    missing = [name for name in names if canonical_run(params, name) not in params["runs"]]
+    """{run: resolved config} of a report table's runs (aliases resolved); empty (no table) unless the study trains
+    all of them."""
+    names, trained = params["report"][table], run_names(params, study)
+    missing = [name for name in names if canonical_run(params, name) not in trained]
     if missing:
         log.info("report.%s: runs not in this study (%s); the table is skipped", table, ", ".join(missing))
         return {}
@@ -197,7 +203,9 @@ READ_BY_PRETRAIN = TEACHER_STAGES + ("captions",)
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dinorankclip", description=__doc__.splitlines()[0])
-    p.add_argument("--params", help="parameter file (default: params.yaml, or the workflow's merged config)")
+    p.add_argument("--params", action="append", metavar="FILE",
+                   help="parameter file (default: params.yaml, or the workflow's merged config); given more than once, "
+                        "later files are merged over earlier ones, as Snakemake's --configfile does")
     p.add_argument("--study", help="study to run (default: `study` in the parameters)")
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True)
@@ -206,17 +214,38 @@ def parser() -> argparse.ArgumentParser:
         if name in PER_RUN:
             s.add_argument("--run", required=True, help="run name from the registry (params.yaml: runs, or "
                                                           "finetune_runs for finetune and evaluate)")
+            s.add_argument("--seed", type=int, help="training seed of the run (studies.<study>.seeds; default: the "
+                                                    "run's first)")
     sub.add_parser("check", help="validate the parameters and print the runs and suites")
+    dvc = sub.add_parser("dvc-yaml", help="write dvc.yaml for the study in the parameters (the DVC view of the DAG)")
+    dvc.add_argument("--check", action="store_true", help="only check that dvc.yaml is current (exit 2 if not)")
     return p
 
 
+def cmd_dvc_yaml(params: dict, args) -> None:
+    from dinorankclip.dvc_yaml import DVC_FILE, check_current, render
+
+    if args.check:
+        check_current(params)
+        return
+    text = render(params)
+    if not DVC_FILE.is_file() or DVC_FILE.read_text() != text:
+        atomic_write_bytes(DVC_FILE, text.encode())
+        print(f"wrote {DVC_FILE} for study {params['study']}")
+
+
 def check_run_stage(params: dict, command: str, run: str | None) -> None:
-    """A fine-tuned run is made by finetune, every other run by pretrain; evaluate takes either."""
-    tuned = finetune_runs(params)
+    """A fine-tuned run is made by finetune, every other run of the study by pretrain; evaluate takes either."""
+    tuned, study = finetune_runs(params), params["study"]
     if command == "finetune" and run not in tuned:
-        raise ParamsError(f"finetune --run {run}: not in finetune_runs (known: {', '.join(tuned) or 'none'})")
+        raise ParamsError(f"finetune --run {run}: not in finetune_runs of study {study} (known: "
+                          f"{', '.join(tuned) or 'none'})")
     if command == "pretrain" and run in tuned:
         raise ParamsError(f"pretrain --run {run}: a fine-tuned run (finetune_runs); run the finetune stage")
+    trained = run_names(params)
+    if command in ("pretrain", "evaluate") and run not in tuned and canonical_run(params, run) not in trained:
+        raise ParamsError(f"{command} --run {run}: not a run of study {study} (studies.{study}.runs: "
+                          f"{', '.join(trained)})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -225,15 +254,25 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         params = load_params(args.params)
+        if args.study:
+            params = {**params, "study": args.study}
+        if args.command == "dvc-yaml":
+            cmd_dvc_yaml(params, args)
+            return 0
+        if os.environ.get("DVC_STAGE"):  # started by `dvc repro`: its dvc.yaml must describe these parameters
+            from dinorankclip.dvc_yaml import check_current
+
+            check_current(params)
         check_run_stage(params, args.command, getattr(args, "run", None))
-        cfg = resolve(params, args.study, getattr(args, "run", None))
+        cfg = resolve(params, None, getattr(args, "run", None), getattr(args, "seed", None))
     except ParamsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.command == "check":
+        jobs = seeded(params, run_names(params))
         print(f"study {cfg['study']}: runs {', '.join(run_names(params))}; "
               f"fine-tuned {', '.join(f'{k} (from {v})' for k, v in finetune_runs(params).items()) or 'none'}; "
-              f"suites {', '.join(suite_names(params, cfg['study']))}")
+              f"{len(jobs)} (run, seed) trainings; suites {', '.join(suite_names(params, cfg['study']))}")
         return 0
     if args.command in PREFLIGHT:
         from dinorankclip.data.images import DataPathError
@@ -270,7 +309,7 @@ def tracked(cfg: dict, stage: str):
     if stage == "pretrain" and cfg["pretrain"]["resume"] == "latest":
         from dinorankclip.train.pretrain import resumable_run_id
 
-        resume_id = resumable_run_id(state_dir(cfg["study"], "pretrain", cfg["run"]))
+        resume_id = resumable_run_id(state_dir(cfg["study"], "pretrain", cfg["run"], cfg["seed"]))
     with job_run(cfg, study_dir(cfg["study"]), stage, resume_id) as tracker:
         yield tracker
 

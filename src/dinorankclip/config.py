@@ -6,6 +6,13 @@ optional partial `loss`, `injection` and `finetune` for scale-dependent sizes), 
 entry in the registry (`runs.<run>`), which overrides any of those keys. An alias (`aliases`) resolves to the run
 it names. A fine-tuned run (`finetune_runs`: name -> start run) resolves to its start run's configuration (same
 architecture and injection) under its own name, with `finetune.start_run` naming the start.
+
+A study trains the runs of its own list (`studies.<study>.runs`; default: the whole registry) and fine-tunes its own
+`finetune_runs` (default: the top-level mapping). The unit of training and evaluation is a (run, seed) pair: each
+run trains once per seed of `studies.<study>.seeds` (its own list, or `default`); a fine-tuned run has one seed per
+seed of its start run. The study seed (`seed`) fixes everything shared by the runs — the world, the data, the
+teacher, the held-out split —; a (run, seed) job's config carries its training seed as `seed` and the study seed as
+`study_seed`.
 """
 
 from __future__ import annotations
@@ -72,12 +79,7 @@ def _cross_key_problems(params: Mapping[str, Any]) -> list[str]:
     problems = []
     if params["study"] not in params["studies"]:
         problems.append(f"study: '{params['study']}' is not one of studies ({', '.join(params['studies'])})")
-    for name, start in params.get("finetune_runs", {}).items():
-        if name in params["runs"] or name in params.get("aliases", {}):
-            problems.append(f"finetune_runs.{name}: is also the name of a run or an alias")
-        if start not in params["runs"]:
-            problems.append(f"finetune_runs.{name}: starts from '{start}', which is not in runs (aliases are not "
-                            "accepted: name the run)")
+    problems += _finetune_problems(params, params.get("finetune_runs", {}), "finetune_runs")
     for alias, run in params.get("aliases", {}).items():
         if alias in params["runs"]:
             problems.append(f"aliases.{alias}: is also the name of a run")
@@ -92,6 +94,7 @@ def _cross_key_problems(params: Mapping[str, Any]) -> list[str]:
                                 f"block ({blocks})")
             problems += _caption_problems(cfg, study, run)
     for study, block in params["studies"].items():
+        problems += _study_run_problems(params, study, block)
         ev = block["evaluate"]
         names = [benchmark_name(suite["dataset"]) for suite in ev["suites"]]
         duplicates = sorted({n for n in names if names.count(n) > 1})
@@ -100,6 +103,45 @@ def _cross_key_problems(params: Mapping[str, Any]) -> list[str]:
         if len(names) > 1 and "{dataset_cleaned}" not in ev["dataset_root"] and "{dataset}" not in ev["dataset_root"]:
             problems.append(f"studies.{study}.evaluate.dataset_root: must contain {{dataset_cleaned}} or {{dataset}} "
                             "to hold several suites")
+    return problems
+
+
+def _finetune_problems(params: Mapping[str, Any], tuned: Mapping[str, str], key: str,
+                       trained: list[str] | None = None) -> list[str]:
+    """Fine-tuned runs are new names that start from a run of the registry (of the study's run list, if given)."""
+    problems = []
+    for name, start in tuned.items():
+        if name in params["runs"] or name in params.get("aliases", {}):
+            problems.append(f"{key}.{name}: is also the name of a run or an alias")
+        if start not in params["runs"]:
+            problems.append(f"{key}.{name}: starts from '{start}', which is not in runs (aliases are not "
+                            "accepted: name the run)")
+        elif trained is not None and start not in trained:
+            problems.append(f"{key}.{name}: starts from '{start}', which this study does not train (its runs)")
+    return problems
+
+
+def _study_run_problems(params: Mapping[str, Any], study: str, block: Mapping[str, Any]) -> list[str]:
+    """A study's own run list, fine-tuned runs and seeds name runs of the registry, each once."""
+    problems, key = [], f"studies.{study}"
+    runs = block.get("runs")
+    for name in runs or []:
+        if name not in params["runs"]:
+            alias = params.get("aliases", {}).get(name)
+            problems.append(f"{key}.runs: '{name}' is not in runs" + (f" (an alias: name '{alias}')" if alias else ""))
+    if runs is not None and len(set(runs)) != len(runs):
+        problems.append(f"{key}.runs: lists a run twice")
+    trained = run_names(params, study)
+    if "finetune_runs" in block:
+        problems += _finetune_problems(params, block["finetune_runs"], f"{key}.finetune_runs", trained)
+    else:
+        problems += [f"{key}: fine-tuned run {name} starts from '{start}', which this study does not train; give the "
+                     "study its own finetune_runs" for name, start in params.get("finetune_runs", {}).items()
+                     if start in params["runs"] and start not in trained]
+    for name in block.get("seeds", {}):
+        if name != "default" and name not in trained:
+            problems.append(f"{key}.seeds.{name}: not a run this study trains (its runs: {', '.join(trained)}; "
+                            "a fine-tuned run takes its start run's seeds)")
     return problems
 
 
@@ -118,15 +160,22 @@ def _caption_problems(cfg: Mapping[str, Any], study: str, run: str) -> list[str]
     return problems
 
 
-def load_params(path: str | os.PathLike | None = None) -> dict:
-    """The validated parameters: Snakemake's merged config when running under the workflow, else the file."""
-    if path is None and os.environ.get(PARAMS_ENV):
+def load_params(paths: str | os.PathLike | list | None = None) -> dict:
+    """The validated parameters: Snakemake's merged config when running under the workflow, else the file(s),
+    later files merged over earlier ones (as Snakemake merges --configfile over its configfile)."""
+    if not paths and os.environ.get(PARAMS_ENV):
         params, source = json.loads(os.environ[PARAMS_ENV]), f"${PARAMS_ENV}"
     else:
-        file = Path(path or PARAMS_FILE)
-        if not file.is_file():
-            raise ParamsError(f"parameter file {file} not found (run from the project root or pass --params)")
-        params, source = yaml.safe_load(file.read_text()), str(file)
+        files = [Path(p) for p in ([paths] if isinstance(paths, str | os.PathLike) else paths or [PARAMS_FILE])]
+        params = {}
+        for file in files:
+            if not file.is_file():
+                raise ParamsError(f"parameter file {file} not found (run from the project root or pass --params)")
+            try:
+                params = deep_merge(params, yaml.safe_load(file.read_text()) or {})
+            except yaml.YAMLError as err:
+                raise ParamsError(f"{file} is not valid YAML: {err}") from None
+        source = " + ".join(map(str, files))
     validate_params(params, source)
     return params
 
@@ -142,47 +191,75 @@ def deep_merge(base: Mapping[str, Any], delta: Mapping[str, Any]) -> dict:
     return merged
 
 
-def resolve(params: Mapping[str, Any], study: str | None = None, run: str | None = None) -> dict:
-    """The configuration one job sees: shared defaults, then the study block, then the run's overrides."""
+# Keys of a study block that say what the study runs, not how a job computes: not part of a job's config.
+STUDY_PLAN = ("runs", "finetune_runs", "seeds")
+
+
+def resolve(params: Mapping[str, Any], study: str | None = None, run: str | None = None,
+            seed: int | None = None) -> dict:
+    """The configuration one job sees: shared defaults, then the study block, then the run's overrides. A run's
+    config carries its training seed (`seed`: the given one, else the run's first) and the study seed."""
     study = study or params["study"]
     if study not in params["studies"]:
         raise ParamsError(f"study: '{study}' is not one of studies ({', '.join(params['studies'])})")
-    block = params["studies"][study]
+    block = {k: v for k, v in params["studies"][study].items() if k not in STUDY_PLAN}
     config = {"study": study, "seed": params["seed"], **block,
               **{key: deep_merge(params[key], block.get(key, {})) for key in LAYERED}}
-    start = params.get("finetune_runs", {}).get(run)
+    if run is None:
+        return config
+    start = finetune_runs(params, study).get(run)
     if start is not None:
-        config = resolve(params, study, start)
+        config = resolve(params, study, start, seed)
         config["run"] = run
         config["finetune"]["start_run"] = start
         return config
-    if run is not None:
-        run = params.get("aliases", {}).get(run, run)
-        if run not in params["runs"]:
-            raise ParamsError(f"runs.{run}: no such run in the registry (known: {', '.join(params['runs'])})")
-        config = deep_merge(config, params["runs"][run] or {})
-        config["run"] = run
+    run = canonical_run(params, run)
+    if run not in params["runs"]:
+        raise ParamsError(f"runs.{run}: no such run in the registry (known: {', '.join(params['runs'])})")
+    config = deep_merge(config, params["runs"][run] or {})
+    config["run"] = run
+    seeds = run_seeds(params, study, run)
+    if seed is not None and seed not in seeds:
+        raise ParamsError(f"studies.{study}.seeds: run {run} trains under seeds {seeds}, not {seed}")
+    config["study_seed"], config["seed"] = params["seed"], seeds[0] if seed is None else seed
     return config
 
 
-def run_names(params: Mapping[str, Any]) -> list[str]:
-    """Every run in the registry; each study trains and evaluates all of them (aliases are not runs)."""
-    return list(params["runs"])
+def run_names(params: Mapping[str, Any], study: str | None = None) -> list[str]:
+    """The runs a study trains: its own list (`studies.<study>.runs`), else the whole registry (aliases are not
+    runs)."""
+    listed = params["studies"][study or params["study"]].get("runs")
+    return list(params["runs"]) if listed is None else list(listed)
 
 
-def finetune_runs(params: Mapping[str, Any]) -> dict[str, str]:
-    """{fine-tuned run: the run it starts from}; the finetune stage trains them, every study evaluates them."""
-    return dict(params.get("finetune_runs", {}))
+def finetune_runs(params: Mapping[str, Any], study: str | None = None) -> dict[str, str]:
+    """{fine-tuned run: the run it starts from} of a study: its own mapping, else the top-level one."""
+    block = params["studies"][study or params["study"]]
+    return dict(block["finetune_runs"] if "finetune_runs" in block else params.get("finetune_runs", {}))
 
 
-def evaluated_runs(params: Mapping[str, Any]) -> list[str]:
-    """Every run the evaluate stage scores and the report shows: the registry, then the fine-tuned runs."""
-    return run_names(params) + list(finetune_runs(params))
+def evaluated_runs(params: Mapping[str, Any], study: str | None = None) -> list[str]:
+    """Every run the evaluate stage scores and the report shows: the study's runs, then its fine-tuned runs."""
+    return run_names(params, study) + list(finetune_runs(params, study))
 
 
-def model_stage(params: Mapping[str, Any], run: str) -> str:
-    """The stage whose output holds a run's exported model (`<stage>/<run>/model`): finetune or pretrain."""
-    return "finetune" if run in finetune_runs(params) else "pretrain"
+def run_seeds(params: Mapping[str, Any], study: str, run: str) -> list[int]:
+    """The training seeds of a run in a study: the study's list for the run, else its `default` (the study seed
+    when the study names no seeds); a fine-tuned run has the seeds of its start run."""
+    run = finetune_runs(params, study).get(run, canonical_run(params, run))
+    seeds = params["studies"][study].get("seeds", {})
+    return list(seeds.get(run, seeds.get("default", [params["seed"]])))
+
+
+def seeded(params: Mapping[str, Any], runs: list[str], study: str | None = None) -> list[tuple[str, int]]:
+    """(run, seed) pairs of `runs` in a study: the jobs of a per-run stage."""
+    study = study or params["study"]
+    return [(run, seed) for run in runs for seed in run_seeds(params, study, run)]
+
+
+def model_stage(params: Mapping[str, Any], run: str, study: str | None = None) -> str:
+    """The stage whose output holds a run's exported model (`<stage>/<run>/seed<k>/model`): finetune or pretrain."""
+    return "finetune" if run in finetune_runs(params, study) else "pretrain"
 
 
 def finetune_stages(cfg: Mapping[str, Any]) -> list[str]:

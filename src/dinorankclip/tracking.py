@@ -19,6 +19,8 @@ from typing import Any
 
 from filelock import FileLock
 
+from dinorankclip.layout import seed_part
+
 log = logging.getLogger(__name__)
 FLUSH_SECONDS = 10.0
 SYSTEM_METRICS_SECONDS = 5.0
@@ -129,8 +131,8 @@ def _existing_run(client, run_id: str | None):
 @contextlib.contextmanager
 def job_run(config: Mapping[str, Any], study_dir: Path, stage: str,
             resume_run_id: str | None = None) -> Iterator[Tracker]:
-    """An MLflow run named `<stage>/<run>` in experiment `dinorankclip/<study>`, a child of the study's parent
-    run, with system metrics sampled alongside; FAILED if the job raises.
+    """An MLflow run named `<stage>/<run>/seed<k>` (or `<stage>`) in experiment `dinorankclip/<study>`, a child of
+    the study's parent run, with system metrics sampled alongside; FAILED if the job raises.
 
     `resume_run_id` (the run of a job that was preempted) continues that run instead of starting a new one.
     """
@@ -147,7 +149,7 @@ def job_run(config: Mapping[str, Any], study_dir: Path, stage: str,
         experiment_id = experiment.experiment_id if experiment else client.create_experiment(
             experiment_name, artifact_location=(study_dir.resolve() / "mlartifacts").as_uri())
         parent_id = _study_parent(client, experiment_id, config["study"])
-    name = f"{stage}/{config['run']}" if "run" in config else stage
+    name = f"{stage}/{config['run']}/{seed_part(config['seed'])}" if "run" in config else stage
     run = _existing_run(client, resume_run_id)
     continued = run is not None
     if continued:
@@ -158,7 +160,7 @@ def job_run(config: Mapping[str, Any], study_dir: Path, stage: str,
                 "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""), "mlflow.runName": name,
                 "mlflow.parentRunId": parent_id}
         if "run" in config:
-            tags["run"] = config["run"]
+            tags.update(run=config["run"], seed=str(config["seed"]))
         run = client.create_run(experiment_id, run_name=name, tags=tags)
         params = [Param(k, v) for k, v in flatten(config).items()]
         for start in range(0, len(params), 100):

@@ -1,21 +1,22 @@
 rule evaluate:
-    """Every suite of the study for one run (pretrained or fine-tuned), through clip-benchmark: one JSON per benchmark,
-    plus the linear probes and the modality-gap analysis (which runs the frozen teacher on the gap set's images)."""
+    """Every suite of the study for one (run, seed) (pretrained or fine-tuned), through clip-benchmark: one JSON per
+    benchmark, plus the linear probes and the modality-gap analysis (which runs the frozen teacher on the gap set's
+    images)."""
     input:
         rules.source.output,
         rules.teacher_weights.output,
-        lambda w: out(model_stage(config, w.run), w.run),
+        lambda w: out(model_stage(config, w.run), w.run, w.seed),
     output:
-        directory(out("evaluate", "{run}")),
+        directory(out("evaluate", "{run}", "{seed}")),
     params:
         cli=CLI,
-        settings=lambda w: settings("evaluate", "teacher", run=w.run),
+        settings=lambda w: settings("evaluate", "teacher", run=w.run, seed=w.seed),
     threads: config["studies"][STUDY]["evaluate"]["threads"]
     log:
-        log_file("evaluate", "{run}"),
+        log_file("evaluate", "{run}", "{seed}"),
     benchmark:
-        benchmark_file("evaluate", "{run}")
+        benchmark_file("evaluate", "{run}", "{seed}")
     conda:
         "../../envs/dinorankclip.yaml"
     shell:
-        "{params.cli} evaluate --run {wildcards.run} > {log} 2>&1"
+        "{params.cli} evaluate --run {wildcards.run} --seed {wildcards.seed} > {log} 2>&1"

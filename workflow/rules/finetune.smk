@@ -1,19 +1,20 @@
 rule finetune:
-    """KUEA: one fine-tuned run's image tower aligned to the teacher's CLS kernel; text tower frozen; exported."""
+    """KUEA: one fine-tuned (run, seed)'s image tower aligned to the teacher's CLS kernel; text tower frozen; exported.
+    It starts from the same seed of its start run."""
     input:
         lambda w: [out(stage) for stage in finetune_stages(resolve(config, STUDY, w.run))],
-        lambda w: out("pretrain", FINETUNED[w.run]),
+        lambda w: out("pretrain", FINETUNED[w.run], w.seed),
     output:
-        directory(out("finetune", "{run}")),
+        directory(out("finetune", "{run}", "{seed}")),
     params:
         cli=CLI,
-        settings=lambda w: settings("finetune", "teacher", "model", "injection", run=w.run),
+        settings=lambda w: settings("finetune", "teacher", "model", "injection", run=w.run, seed=w.seed),
     threads: resolve(config, STUDY)["finetune"]["threads"]
     log:
-        log_file("finetune", "{run}"),
+        log_file("finetune", "{run}", "{seed}"),
     benchmark:
-        benchmark_file("finetune", "{run}")
+        benchmark_file("finetune", "{run}", "{seed}")
     conda:
         "../../envs/dinorankclip.yaml"
     shell:
-        "{params.cli} finetune --run {wildcards.run} > {log} 2>&1"
+        "{params.cli} finetune --run {wildcards.run} --seed {wildcards.seed} > {log} 2>&1"

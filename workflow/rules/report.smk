@@ -1,10 +1,10 @@
 rule report:
-    """Tables (CSV, markdown, LaTeX) and figures (PNG, PDF) of every run on every benchmark, the matched-compute
-    column from the training metrics."""
+    """Tables (CSV, markdown, LaTeX) and figures (PNG, PDF) of every run on every benchmark, aggregated over its
+    seeds, the matched-compute column from the training metrics."""
     input:
-        expand(rules.evaluate.output, run=EVALUATED),
-        expand(rules.pretrain.output, run=RUNS),
-        expand(rules.finetune.output, run=FINETUNED),
+        expand(rules.evaluate.output, zip, **pairs(EVALUATED)),
+        expand(rules.pretrain.output, zip, **pairs(RUNS)),
+        expand(rules.finetune.output, zip, **pairs(list(FINETUNED))),
     output:
         report(
             directory(out("report")),

@@ -114,7 +114,7 @@ def evaluate_run(cfg: dict, model_dir: Path, out: Path, tracker, teacher_weights
     the study declares them); write the JSONs into `out` (layout in the module doc). `cache_dir` keeps the probe
     features per checkpoint; `teacher_weights` is the teacher_weights stage's output (for the gap analysis)."""
     ev = cfg["evaluate"]
-    torch.manual_seed(cfg["seed"])
+    torch.manual_seed(cfg["study_seed"])  # the evaluation protocol is the same for every training seed
     torch.set_num_threads(ev["threads"])
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, transform, tokenizer = load_local_dir(model_dir, device)
@@ -134,7 +134,7 @@ def evaluate_run(cfg: dict, model_dir: Path, out: Path, tracker, teacher_weights
         record("", benchmark_name(suite["dataset"]), evaluate_suite(model, transform, tokenizer, suite, ev, device))
     for dataset in ev.get("linear_probe", {}).get("datasets", []):
         record("linear_probe", benchmark_name(dataset),
-               evaluate_probe(model, transform, dataset, ev, device, cfg["seed"], model_dir, cache_dir))
+               evaluate_probe(model, transform, dataset, ev, device, cfg["study_seed"], model_dir, cache_dir))
     if ev.get("modality_gap"):
         if teacher_weights is None:
             raise ValueError("evaluate.modality_gap needs the teacher_weights stage's output")

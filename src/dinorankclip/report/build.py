@@ -35,7 +35,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ReportSpec:
-    """What a study reports. `benchmarks`: the zero-shot suites (the main table's columns, in order);
+    """What a study reports. `benchmarks`: the zero-shot suites (the main table's columns, in order); `seeds`:
+    {run: its training seeds} (a fine-tuned run: its start run's);
     `sweep_orders`: {order-sweep run: R}; `fusion_variants`: {variant label: run}; `aliases`: {run: the label of
     the alias a table was configured with}; `kuea`: {fine-tuned run: start run}; `retrieval`, `ood`: the
     benchmarks of those tables; `probes`: the linear-probe benchmarks; `gap`: the modality-gap benchmark. Empty
@@ -44,6 +45,7 @@ class ReportSpec:
     study: str
     runs: list[str]
     benchmarks: list[str]
+    seeds: dict[str, list[int]]
     sweep_orders: dict[str, int] = field(default_factory=dict)
     fusion_variants: dict[str, str] = field(default_factory=dict)
     aliases: dict[str, str] = field(default_factory=dict)
@@ -68,8 +70,8 @@ def build_report(spec: ReportSpec, study_dir: Path, out: Path) -> list[Path]:
     """Write every table and figure of `spec` into `out`, reading `study_dir`'s evaluate, pretrain and finetune
     outputs (results/<study>)."""
     evaluate, study = study_dir / "evaluate", spec.study
-    results = load_results(evaluate, spec.runs, spec.benchmarks)
-    hours, unit = load_compute(study_dir, spec.runs, spec.kuea)
+    results = load_results(evaluate, spec.runs, spec.benchmarks, spec.seeds)
+    hours, unit = load_compute(study_dir, spec.runs, spec.kuea, spec.seeds)
     compute_column = compute_label(unit)
     table = main_table(results, hours, compute_column)
     written = write_table(table, f"{study}: zero-shot results (%; training compute in {unit})",
@@ -92,18 +94,19 @@ def build_report(spec: ReportSpec, study_dir: Path, out: Path) -> list[Path]:
         written += write_table(retrieval, f"{study}: retrieval recall (%)", out / "retrieval")
         written += comparison_bars(retrieval, f"{study}: retrieval", out / "retrieval")
     if spec.probes:
-        probes = probe_table(load_results(evaluate, spec.runs, spec.probes, "linear_probe"), results)
+        probes = probe_table(load_results(evaluate, spec.runs, spec.probes, spec.seeds, "linear_probe"), results)
         written += write_table(probes, f"{study}: fine-grained linear probe and zero-shot (%)", out / "probe")
         written += comparison_bars(probes, f"{study}: fine-grained probe", out / "probe")
     if spec.gap:
-        gaps = load_results(evaluate, spec.runs, [spec.gap], "modality_gap")
+        gaps = load_results(evaluate, spec.runs, [spec.gap], spec.seeds, "modality_gap")
         gap = gap_table(gaps, spec.gap)
         written += write_table(gap, f"{study}: modality gap on {spec.gap} (L2-normalised embeddings)",
                                out / "modality_gap", Style(bold=False, plain=tuple(gap.columns)))
         written += gap_nodes({run: res[spec.gap] for run, res in gaps.items()},
                              f"{study}: modality gap on {spec.gap}", out / "modality_gap")
     if spec.kuea:
-        aligned = kuea_table(results, spec.kuea, load_kernel_losses(study_dir / "finetune", list(spec.kuea)))
+        losses = load_kernel_losses(study_dir / "finetune", list(spec.kuea), spec.seeds)
+        aligned = kuea_table(results, spec.kuea, losses)
         written += write_table(aligned, f"{study}: KUEA alignment, before → after (%; {KERNEL_LOSS} on the fit sample)",
                                out / "kuea", Style(bold=False, plain=(KERNEL_LOSS,),
                                                    signed_rows=tuple(f"{run} Δ" for run in spec.kuea)))

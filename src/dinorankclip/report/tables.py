@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from dinorankclip.io import read_json
+from dinorankclip.layout import seed_part
 
 # The headline metric of each task, and how a column is labelled with it.
 HEADLINE = {"zeroshot_classification": [("acc1", "top-1")],
@@ -25,15 +26,31 @@ def required_json(path: Path, what: str, needed_by: str = "") -> dict:
     return read_json(path)
 
 
-def load_results(evaluate_dir: Path, runs: list[str], benchmarks: list[str],
+def seed_mean(results: list[dict]) -> dict:
+    """One result from the results of several seeds: every number (nested lists included) averaged, everything
+    else (names, classnames, nodes) taken from the first."""
+    first = results[0]
+    if isinstance(first, dict):
+        return {key: seed_mean([r[key] for r in results]) for key in first}
+    if isinstance(first, list):
+        return [seed_mean(list(column)) for column in zip(*results, strict=True)]
+    if isinstance(first, int | float) and not isinstance(first, bool):
+        return sum(results) / len(results)
+    return first
+
+
+def load_results(evaluate_dir: Path, runs: list[str], benchmarks: list[str], seeds: dict[str, list[int]],
                  kind: str = "") -> dict[str, dict[str, dict]]:
-    """{run: {benchmark: result JSON}}, every file required, in the given order. `kind` is the sub-folder of a
-    run's results that holds them: "" for zero-shot, `linear_probe`, `modality_gap`."""
+    """{run: {benchmark: result JSON, averaged over the run's seeds}}, every file required, in the given order.
+    `kind` is the sub-folder of a (run, seed)'s results that holds them: "" for zero-shot, `linear_probe`,
+    `modality_gap`."""
     results = {}
     for run in runs:
         results[run] = {}
         for bench in benchmarks:
-            results[run][bench] = required_json(evaluate_dir / run / kind / f"{bench}.json", "evaluation result")
+            results[run][bench] = seed_mean([
+                required_json(evaluate_dir / run / seed_part(seed) / kind / f"{bench}.json", "evaluation result")
+                for seed in seeds[run]])
     return results
 
 
@@ -61,12 +78,13 @@ def compute_label(unit: str) -> str:
     return f"compute ({unit})"
 
 
-def load_compute(study_dir: Path, runs: list[str], tuned: dict[str, str]) -> tuple[dict[str, float], str]:
-    """({run: device-hours}, unit) for matched-compute comparisons, from the runs' metrics.json files: a
-    pretrained run's training; a fine-tuned run's start run plus its fine-tuning. GPU-hours on GPUs, CPU-core-hours
-    on CPUs (the unit is in the label; a study that mixes them says so)."""
-    def read(stage: str, run: str) -> tuple[float, str]:
-        metrics = required_json(study_dir / stage / run / "metrics.json", f"{stage} metrics",
+def load_compute(study_dir: Path, runs: list[str], tuned: dict[str, str],
+                 seeds: dict[str, list[int]]) -> tuple[dict[str, float], str]:
+    """({run: device-hours per seed}, unit) for matched-compute comparisons, from the (run, seed)s' metrics.json
+    files: a pretrained run's training; a fine-tuned run's start run plus its fine-tuning. GPU-hours on GPUs,
+    CPU-core-hours on CPUs (the unit is in the label; a study that mixes them says so)."""
+    def read(stage: str, run: str, seed: int) -> tuple[float, str]:
+        metrics = required_json(study_dir / stage / run / seed_part(seed) / "metrics.json", f"{stage} metrics",
                                 "the matched-compute column")
         unit = metrics.get("device_hours_unit") or ("GPU-hours" if metrics.get("device") == "cuda"
                                                      else "CPU-core-hours")
@@ -74,9 +92,13 @@ def load_compute(study_dir: Path, runs: list[str], tuned: dict[str, str]) -> tup
 
     hours, units = {}, set()
     for run in runs:
-        parts = [read("pretrain", tuned[run]), read("finetune", run)] if run in tuned else [read("pretrain", run)]
-        hours[run] = sum(h for h, _ in parts)
-        units |= {u for _, u in parts}
+        per_seed = []
+        for seed in seeds[run]:
+            parts = ([read("pretrain", tuned[run], seed), read("finetune", run, seed)] if run in tuned
+                     else [read("pretrain", run, seed)])
+            per_seed.append(sum(h for h, _ in parts))
+            units |= {u for _, u in parts}
+        hours[run] = sum(per_seed) / len(per_seed)
     return hours, " + ".join(sorted(units))
 
 
@@ -120,12 +142,16 @@ def fusion_ablation_table(results: dict[str, dict[str, dict]], variants: dict[st
 KERNEL_LOSS = "kernel loss"
 
 
-def load_kernel_losses(finetune_dir: Path, runs: list[str]) -> dict[str, tuple[float, float]]:
-    """{fine-tuned run: (kernel loss before, after)} from each run's metrics.json (measured on its fit sample)."""
+def load_kernel_losses(finetune_dir: Path, runs: list[str], seeds: dict[str, list[int]]
+                       ) -> dict[str, tuple[float, float]]:
+    """{fine-tuned run: (kernel loss before, after)}, the mean over its seeds' metrics.json (measured on the fit
+    sample)."""
     losses = {}
     for run in runs:
-        metrics = required_json(finetune_dir / run / "metrics.json", "fine-tuning metrics")
-        losses[run] = (metrics["kernel_loss_first"], metrics["kernel_loss_last"])
+        pairs = [(m["kernel_loss_first"], m["kernel_loss_last"]) for m in (
+            required_json(finetune_dir / run / seed_part(seed) / "metrics.json", "fine-tuning metrics")
+            for seed in seeds[run])]
+        losses[run] = tuple(seed_mean([list(p) for p in pairs]))
     return losses
 
 

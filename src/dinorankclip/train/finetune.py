@@ -170,10 +170,10 @@ def finetune(cfg: dict, dirs: dict[str, Path], out: Path, tracker: Tracker,
 
     dataset = source.dataset(transform)
     teacher_cls = teacher_cls_reader(source, cfg, dirs, visual, device)
-    sample = fit_sample(len(dataset), ft["fit_samples"], cfg["seed"])
+    sample = fit_sample(len(dataset), ft["fit_samples"], cfg["study_seed"])  # the same images for every seed
     t_fit = time.perf_counter()
     z_fit, zt_fit = embed(visual, dataset, sample, ft["batch_size"], teacher_cls, device)
-    gamma, c = fit_kernel_ratio(z_fit, zt_fit, max_samples=len(sample), seed=cfg["seed"])
+    gamma, c = fit_kernel_ratio(z_fit, zt_fit, max_samples=len(sample), seed=cfg["study_seed"])
     kernel = StudentKernel(gamma, c).to(device)
     first = kuea_terms(z_fit, z_fit, zt_fit, gamma, c, w_reg=ft["w_reg"], w_kernel=ft["w_kernel"])
     fit_seconds = time.perf_counter() - t_fit

@@ -1,7 +1,9 @@
 """The pretraining loop: one flat loop for every run in the registry (nanoGPT style), 1 process or torchrun DDP.
 
 Everything that makes two runs differ comes from the resolved config; everything else — initialisation, data
-order, batch boundaries — comes from the seed, so runs of one study are matched and a rerun is identical.
+order, tie-breaking, masks — comes from the run's training seed (`seed`), while the held-out split comes from the
+study seed (`study_seed`), the same for every run and seed; so runs of one study are matched and a rerun is
+identical.
 A run survives preemption: SIGTERM/SIGUSR1 checkpoint it at the next step boundary, and the next start resumes
 from the newest checkpoint (`pretrain.resume: latest`) to the same weights an uninterrupted run reaches.
 """
@@ -143,13 +145,14 @@ def pretrain(cfg: dict, data_dir: Path, stage_dirs: dict[str, Path], out: Path |
 
     dataset = ShardPairs(data_dir / "shards.json", transform, open_clip.get_tokenizer(cfg["model"]["arch"]), features,
                          captions_index(cfg, stage_dirs))
-    train_idx, val_idx = split_indices(len(dataset), opt["val_samples"], cfg["seed"])
+    train_idx, val_idx = split_indices(len(dataset), opt["val_samples"], cfg["study_seed"])
     batches = GlobalBatches(train_idx, opt["batch_size"], cfg["seed"], world.rank, world.size)
     val_batches = (GlobalBatches(val_idx, min(opt["batch_size"], len(val_idx) // world.size * world.size),
                                  cfg["seed"], world.rank, world.size, shuffle=False) if val_idx else None)
     loader = pair_loader(dataset, batches, opt["workers"])
     steps_per_epoch = batches.batches_per_epoch
-    total_steps = opt["epochs"] * steps_per_epoch
+    total_steps = min(opt["epochs"] * steps_per_epoch, opt["max_steps"] or math.inf)
+    epochs = math.ceil(total_steps / steps_per_epoch)  # the last one partial under a step cap
     optimizer = make_optimizer(param_groups([("", step_module)], opt["weight_decay"]), opt)
     set_lr = make_schedule(optimizer, opt, total_steps)
 
@@ -161,8 +164,9 @@ def pretrain(cfg: dict, data_dir: Path, stage_dirs: dict[str, Path], out: Path |
     if opt["compile"]:
         student.compile()
     peak, peak_source = peak_flops(world.device, opt["precision"], opt["threads"])
-    log.info("%s: %d training + %d held-out samples, %d steps of %d (%d epochs), %d rank(s) on %s%s", cfg["run"],
-             len(train_idx), len(val_idx), total_steps, opt["batch_size"], opt["epochs"], world.size, world.device,
+    log.info("%s seed %d: %d training + %d held-out samples, %d steps of %d (%d epochs%s), %d rank(s) on %s%s",
+             cfg["run"], cfg["seed"], len(train_idx), len(val_idx), total_steps, opt["batch_size"], epochs,
+             f", capped at pretrain.max_steps {opt['max_steps']}" if opt["max_steps"] else "", world.size, world.device,
              f", resumed at step {progress.step}" if resumed else "")
 
     saved_step = progress.step if resumed else "none yet"
@@ -180,7 +184,7 @@ def pretrain(cfg: dict, data_dir: Path, stage_dirs: dict[str, Path], out: Path |
                mininterval=5, disable=not world.main)
     job_start = time.perf_counter() - progress.seconds
     with stop_on_signals() as stop:
-        for epoch in range(len(progress.train_losses), opt["epochs"]):  # an epoch is done when its end is
+        for epoch in range(len(progress.train_losses), epochs):  # an epoch is done when its end is
             batches.set_position(epoch, progress.step - epoch * steps_per_epoch)
             t_data = time.perf_counter()
             for batch in loader:
@@ -224,6 +228,8 @@ def pretrain(cfg: dict, data_dir: Path, stage_dirs: dict[str, Path], out: Path |
                 if preempted:
                     raise Preempted(f"{cfg['run']}: stopped by signal at step {progress.step}/{total_steps}; "
                                     f"checkpoint {state / checkpoint.LATEST}; running the job again resumes it")
+                if progress.step == total_steps:  # a step cap ends the run part-way through this epoch
+                    break
                 t_data = time.perf_counter()
             end_epoch(progress, epoch, step_module, dataset, val_batches, world, total_steps, opt, tracker, state)
             save(state / checkpoint.LATEST)
@@ -296,7 +302,8 @@ def export(cfg: dict, model: nn.Module, spec: dict | None, progress: Progress, s
         export_local_dir(model, arch, out / "best", spec)
     opt, device = cfg["pretrain"], world.device
     hours, unit = device_hours(progress.seconds, device, opt["threads"], world.size)
-    metrics = {"steps": progress.step, "samples_seen": progress.step * opt["batch_size"], "epochs": opt["epochs"],
+    metrics = {"steps": progress.step, "samples_seen": progress.step * opt["batch_size"],
+               "epochs": len(progress.train_losses), "seed": cfg["seed"],
                "final_epoch_train_loss": progress.train_losses[-1], "val_loss": progress.val_losses,
                "best_epoch": progress.best_epoch,
                "best_val_loss": progress.best_val if progress.best_epoch >= 0 else None,
