@@ -1,5 +1,8 @@
-"""The injected image encoder (METHOD.md §3): exact identity at initialisation, the conflict-aware gate's guarantee,
-learning from the first step, weight-decay names, argument checks, and drop-in use as `model.visual`."""
+"""The injected image encoder (METHOD.md §3 [v2]): exact identity at initialisation, the conflict-aware gate's
+guarantee, fp32 residual adds under bf16 autocast, gradient reaching P from the first step, the strength statistics,
+weight-decay names, argument checks, and drop-in use as `model.visual`."""
+
+import math
 
 import open_clip
 import pytest
@@ -10,9 +13,10 @@ from open_clip.transformer import VisionTransformer
 
 from dinorankclip.models.clip import create_clip
 from dinorankclip.models.gate import ConflictAwareGate, SigmoidGate
-from dinorankclip.models.injection import FUSION_VARIANTS, InjectedImageEncoder, default_taps
+from dinorankclip.models.injection import FUSION_VARIANTS, InjectedImageEncoder, default_taps, injection_strength
 
-VARIANTS = ["v1", "v2", "v3", "v4", "v5", "v6"]
+VARIANTS = ["v1", "distill", "v2", "v3", "v4", "v5", "v6"]
+INJECTED = ["v2", "v3", "v4", "v5", "v6"]
 GATED = ["v5", "v6"]
 TOWERS = ["resnet", "vit"]
 
@@ -75,12 +79,17 @@ def test_wrapped_tower_is_bit_identical_at_initialisation(kind, variant):
         assert all(m.shape[:2] == (3, 32) for m in feats.maps)
     spec = FUSION_VARIANTS[variant]
     assert (encoder.gate is not None) == (spec.gate is not None)
-    if spec.gate is not None:
+    assert (encoder.fusion is not None) == spec.inject
+    if spec.gate is not None:  # v2: P zero, α = 1, b = 0 (g = 1/2 ± 0.02)
         assert type(encoder.gate) is spec.gate
-        assert encoder.gate.alpha.item() == 0.0
-        assert encoder.fusion.projection.weight.abs().sum() > 0  # gated: only α is zero, P is random
-    elif spec.inject:
+        assert encoder.gate.alpha.item() == 1.0 and encoder.gate.gate.bias.abs().sum() == 0
+        g = encoder.gate.gated(feats.z_g, torch.zeros(feats.z_g.shape)).gate  # δ = P(z_loc) = 0 at initialisation
+        assert (g - 0.5).abs().max() < 0.1 and (g - 0.5).std() < 0.03
+    if spec.inject:
         assert encoder.fusion.projection.weight.abs().sum() == 0
+        assert feats.strength["angle_deg"] == 0 and feats.strength["residual_ratio"] == 0
+    else:
+        assert feats.strength == {}
 
 
 @pytest.mark.parametrize("kind", TOWERS)
@@ -142,16 +151,31 @@ def test_conflict_aware_gate_never_pulls_back_along_z_g_while_the_plain_gate_doe
     torch.testing.assert_close(tangential_aware, tangential_plain, rtol=1e-4, atol=1e-4 * scale.max().item())
 
 
+def _tower_projection(encoder) -> torch.Tensor:
+    """The last linear map of the tower: the ViT's `proj`, the ResNet's attention-pool output projection."""
+    tower = encoder.tower
+    return tower.proj if isinstance(tower, VisionTransformer) else tower.attnpool.c_proj.weight
+
+
 @pytest.mark.parametrize("kind", TOWERS)
-@pytest.mark.parametrize("variant", GATED)
-def test_alpha_has_a_nonzero_gradient_at_initialisation(kind, variant):
-    encoder = wrap(make_tower(kind), variant)
-    x = images()
-    target = torch.randn(3, encoder.tower.output_dim, generator=torch.Generator().manual_seed(5))
-    loss = F.mse_loss(encoder(x), target)
+@pytest.mark.parametrize("variant", INJECTED)
+def test_the_projection_p_learns_from_the_first_step_as_fast_as_the_towers_own(kind, variant):
+    """v2's point: at step 0, with z = z_g exactly, the gradient reaching P is non-zero, and through the gate (V5,
+    V6) of the same order as the gradient reaching the tower's own projection (v1's was scaled by α·g ≈ 0). The
+    ungated V2/V3 read the plain average of the branch maps, whose scale is the branch's own, so only non-zero is
+    asserted for them."""
+    encoder = wrap(make_tower(kind), variant).train()
+    x = images(8)
+    target = F.normalize(torch.randn(8, encoder.tower.output_dim, generator=torch.Generator().manual_seed(5)), dim=-1)
+    loss = -(F.normalize(encoder(x), dim=-1) * target).sum(-1).mean()  # a cosine objective, as the losses read z
     loss.backward()
-    grad = encoder.gate.alpha.grad
-    assert grad is not None and torch.isfinite(grad) and grad.abs().item() > 0
+    p_grad = encoder.fusion.projection.weight.grad.norm().item()
+    tower_grad = _tower_projection(encoder).grad.norm().item()
+    assert p_grad > 0
+    if variant in GATED:
+        assert 0.05 < p_grad / tower_grad < 20, (p_grad, tower_grad)
+    if encoder.gate is not None:
+        assert encoder.gate.alpha.grad.item() == 0  # δ = 0: α learns once P has moved
 
 
 @pytest.mark.parametrize("kind", TOWERS)
@@ -170,12 +194,67 @@ def test_a_few_sgd_steps_move_the_encoder_away_from_the_tower(kind, variant):
         losses.append(loss.item())
     assert all(torch.isfinite(torch.tensor(losses)))
     if encoder.gate is not None:
-        assert encoder.gate.alpha.item() != 0.0
+        assert encoder.gate.alpha.item() != 1.0
     encoder.eval()
     with torch.no_grad():
         z, z_g = encoder(x), encoder.tower(x)
     assert not torch.equal(z, z_g)
     assert (z - z_g).abs().max() > 1e-6
+
+
+def test_on_an_opposing_delta_v5_keeps_the_radial_part_and_v6_does_not():
+    """⟨z − z_g, ẑ_g⟩ ≥ −1e-6·‖r‖ for V5 on δ = −c·z_g, and the same bound fails for V6."""
+    dim = 16
+    z_g = torch.randn(6, dim, generator=torch.Generator().manual_seed(9)) * 4
+    delta = -3.0 * z_g
+    for gate, holds in ((ConflictAwareGate(dim), True), (SigmoidGate(dim), False)):
+        out = gate.gated(z_g, delta)
+        radial = ((out.z - z_g) * F.normalize(z_g, dim=-1)).sum(-1)
+        r = gate.alpha * out.gate * delta
+        assert bool((radial >= -1e-6 * r.norm(dim=-1)).all()) is holds
+        assert (out.radial < 0).all()  # the residual before removal opposed z_g in every row
+
+
+@pytest.mark.parametrize("variant", INJECTED)
+def test_every_residual_add_computes_in_fp32_under_bf16_autocast(variant):
+    encoder = wrap(make_tower("vit"), variant)
+    with torch.no_grad():
+        encoder.fusion.projection.weight.normal_(0, 0.5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            feats = encoder.features(images())
+            delta = encoder.fusion(feats.maps)
+    assert feats.z_g.dtype == torch.bfloat16 and feats.z.dtype == torch.float32
+    if encoder.gate is None:
+        assert torch.equal(feats.z, feats.z_g.float() + delta.float())
+    else:
+        expected = encoder.gate.gated(feats.z_g.float(), delta.float())
+        assert torch.equal(feats.z, expected.z)
+
+
+def test_strength_statistics_measure_the_angle_the_residual_and_the_conflicts():
+    dim = 8
+    z_g = torch.zeros(4, dim)
+    z_g[:, 0] = 2.0
+    gate = ConflictAwareGate(dim)
+    with torch.no_grad():
+        gate.gate.weight.zero_()
+        gate.alpha.fill_(2.0)  # g = 1/2: r = δ
+    delta = torch.zeros(4, dim)
+    delta[0, 1] = 2.0  # 45°: tangential 2 against ‖z_g‖ 2
+    delta[1, 0] = -1.0  # opposing, removed: 0°
+    delta[2, 0], delta[2, 1] = -1.0, 1.0  # opposing part removed: atan(1/2)
+    gated = gate.gated(z_g, delta)
+    stats = injection_strength(z_g, gated.residual, gate, gated)
+    expected_angle = (45.0 + 0.0 + math.degrees(math.atan(0.5)) + 0.0) / 4
+    assert stats["angle_deg"].item() == pytest.approx(expected_angle, rel=1e-6)
+    assert stats["residual_ratio"].item() == pytest.approx((1.0 + 0 + 0.5 + 0) / 4, rel=1e-6)
+    assert stats["conflict_share"].item() == 0.5 and stats["gate_mean"].item() == 0.5
+    assert stats["conflict_removed"].item() == pytest.approx((0.5 + 0.5) / 4, rel=1e-6)  # |−1|/2 in two rows
+    assert stats["alpha"].item() == 2.0
+    plain = SigmoidGate(dim)
+    plain.load_state_dict(gate.state_dict())
+    assert injection_strength(z_g, plain.gated(z_g, delta).residual, plain, plain.gated(z_g, delta))[
+        "conflict_removed"].item() == 0
 
 
 @pytest.mark.parametrize("kind", TOWERS)
@@ -195,6 +274,8 @@ def test_no_weight_decay_names_are_real_parameters(kind, variant):
         assert "gate.alpha" in names
     if variant == "v1":
         assert names == tower_names
+    if variant == "distill":  # branch L alone
+        assert {n.split(".")[0] for n in names - tower_names} == {"branch"}
     if variant in ("v4", "v5", "v6"):
         assert "fusion.refiner.query" in names
 

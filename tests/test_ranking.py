@@ -13,7 +13,14 @@ from open_clip.loss import ClipLoss
 from torch.func import functional_call
 
 from dinorankclip.losses.contrastive import clip_loss
-from dinorankclip.losses.ranking import HighOrderRankLoss, listmle, rankclip_loss, rankclip_terms, tie_permutation
+from dinorankclip.losses.ranking import (
+    HighOrderRankLoss,
+    _TransitionContext,
+    listmle,
+    rankclip_loss,
+    rankclip_terms,
+    tie_permutation,
+)
 from dinorankclip.losses.schedules import constant, cosine_ramp, get_schedule, linear_clamp, rank_weight
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -156,6 +163,8 @@ def _brute_high_order(module, heads, head_dim, image, text, scale, weight, perm)
     s_mat, g_image, g_text = scale * image @ text.T, scale * image @ image.T, scale * text @ text.T
 
     def phi(t, items, predecessors, j):
+        """s·mean_h⟨q̂_h, k̂_h⟩: the query is the product of the factors' projections, normalised per head after
+        the product, as the key (QK-norm, METHOD.md §2 [v2])."""
         embeds = [items[a] if a is not None else t.bos.double() for a in predecessors]
         key = items[j] @ t.key.double()
         value = 0.0
@@ -164,8 +173,8 @@ def _brute_high_order(module, heads, head_dim, image, text, scale, weight, perm)
             query = torch.ones(head_dim, dtype=torch.float64)
             for factor, e in zip(t.query.double(), embeds, strict=True):
                 query = query * (e @ factor)[cols]
-            value += (query @ key[cols]).item() / math.sqrt(head_dim)
-        return value / heads
+            value += (query / query.norm() @ key[cols] / key[cols].norm()).item()
+        return scale * value / heads
 
     def term(pred, ref, items):
         total = 0.0
@@ -277,6 +286,8 @@ def test_zero_gates_above_r_recover_order_r(lower):
 
 
 def test_gradcheck_high_order_with_open_gates():
+    """Every input but the logit scale, which the transitions read detached (METHOD.md §2 [v2]): its gradient is
+    the first-order terms' alone, which a finite difference through φ would not give."""
     torch.manual_seed(40)
     module = HighOrderRankLoss(3, dim=4, window=3, heads=2, head_dim=2).double()
     _open_gates(module)
@@ -285,11 +296,60 @@ def test_gradcheck_high_order_with_open_gates():
     image, text = _features(5, 4, seed=15, dtype=torch.float64)
     scale = torch.tensor(4.0, dtype=torch.float64)
 
-    def loss(image, text, scale, *flat):
+    def loss(image, text, *flat):
         return functional_call(module, dict(zip(names, flat, strict=True)), (image, text, scale, 1.3))
 
-    inputs = (image.requires_grad_(True), text.requires_grad_(True), scale.requires_grad_(True), *params)
-    assert torch.autograd.gradcheck(loss, inputs)
+    assert torch.autograd.gradcheck(loss, (image.requires_grad_(True), text.requires_grad_(True), *params))
+
+
+def test_the_scale_reaches_the_transitions_detached():
+    """The transitions read s without gradient (else they would push s towards its clamp)."""
+    torch.manual_seed(41)
+    module = HighOrderRankLoss(3, dim=4, window=3, heads=2, head_dim=2)
+    _open_gates(module)
+    items = torch.nn.functional.normalize(torch.randn(6, 4), dim=-1).requires_grad_(True)
+    scale = torch.tensor(5.0, requires_grad=True)
+    context = _TransitionContext(module.transitions, items, scale, 3, 2, {2: [], 3: []})
+    context(torch.stack([torch.randperm(6) for _ in range(4)]), torch.zeros(4, 6)).sum().backward()
+    assert scale.grad is None and items.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("gamma", [1.0, -1.0])
+def test_transition_utilities_are_bounded_by_the_scale(gamma):
+    """|γ_r·φ_r| ≤ s for any weights: QK-norm makes φ_r a scaled mean of cosines."""
+    torch.manual_seed(42)
+    module = HighOrderRankLoss(3, dim=16, window=8, heads=4, head_dim=8)
+    with torch.no_grad():
+        for t in module.transitions:
+            t.gate.fill_(math.atanh(gamma * (1 - 1e-7)))
+            t.query.mul_(1e3)  # the norm of W no longer matters
+    items = torch.nn.functional.normalize(torch.randn(32, 16), dim=-1)
+    strength = {2: [], 3: []}
+    context = _TransitionContext(module.transitions, items, 100.0, 8, 4, strength)
+    order = torch.stack([torch.randperm(32) for _ in range(5)])
+    utility = context(order, torch.zeros(5, 32))
+    assert utility.abs().max() <= 2 * 100.0 * (1 + 1e-5)  # two orders, each |γ φ| ≤ s
+    for r in (2, 3):
+        single = _TransitionContext(module.transitions[r - 2: r - 1], items, 100.0, 8, 4, {r: []})
+        phi = single(order, torch.zeros(5, 32))
+        assert phi.abs().max() <= 100.0 * (1 + 1e-5) and phi.abs().max() > 10.0
+
+
+def test_transition_strength_is_the_spread_of_gamma_phi_against_the_scores():
+    torch.manual_seed(43)
+    module = HighOrderRankLoss(2, dim=8, window=4, heads=2, head_dim=4)
+    image, text = _features(10, 8, seed=18)
+    assert module.terms(image, text, 20.0).parts["transition_strength_2"] == 0  # γ = 0
+    _open_gates(module, (0.7,))
+    items = torch.nn.functional.normalize(torch.randn(10, 8), dim=-1)
+    pred = torch.randn(3, 10) * 4
+    order = torch.stack([torch.randperm(10) for _ in range(3)])
+    strength = {2: []}
+    utility = _TransitionContext(module.transitions, items, 20.0, 4, 2, strength)(order, pred)
+    phi = utility - pred.unsqueeze(1)
+    expected = (phi.std(dim=2) / pred.std(dim=1, keepdim=True)).mean()
+    torch.testing.assert_close(strength[2][0], expected)
+    assert 0 < expected
 
 
 @pytest.fixture

@@ -11,7 +11,9 @@ step, so a resumed run is bit-exact. ``tie_seed=None`` orders tied columns by th
 
 Component logging: every loss has a ``*_terms`` companion (`rankclip_terms`, `HighOrderRankLoss.terms`) returning
 a `LossTerms` whose ``total`` is what the plain call returns and whose detached ``parts`` are "clip",
-"rank_cross", "rank_in" (the unweighted L_cross, L_in) and, for order ≥ 2, "gamma_r" for each transition gate.
+"rank_cross", "rank_in" (the unweighted L_cross, L_in) and, for order ≥ 2, "gamma_r" for each transition gate and
+"transition_strength_r", std_j(γ_r·φ_r)/std_j(P_j) averaged over the window positions and rows of the four terms:
+how much order r moves the utilities against the spread of the first-order scores.
 """
 
 import hashlib
@@ -19,6 +21,7 @@ import math
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dinorankclip.losses.contrastive import (
@@ -33,8 +36,9 @@ from dinorankclip.losses.contrastive import (
 )
 from dinorankclip.losses.distributed import LocalBatch
 
-# Maps a reference order π [N, n] to transition utilities φ [N, K, n] for the first K ≤ n positions.
-Context = Callable[[torch.Tensor], torch.Tensor]
+# Maps a reference order π [N, n] and the first-order scores P [N, n] to the utilities P + Σ_r γ_r·φ_r [N, K, n] of
+# the first K ≤ n positions.
+Context = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 # RankCLIP's released list_MLE adds this inside the log; only reproduced on request (`listmle(released_eps=True)`).
 _RELEASED_EPS = 1e-10
@@ -136,14 +140,14 @@ def _plackett_luce_nll(
 ) -> torch.Tensor:
     """Per-row Plackett–Luce NLL of the order π under utilities ``pred``, summed over positions, [N].
 
-    With a context, position k < K uses u_k(j) = pred_j + φ_k(j) over the items not yet placed — teacher forcing
-    on π keeps this O(N·K·n); positions ≥ K keep the first-order terms, whose suffixes involve only those
-    positions. The context must return a fresh tensor: pred is added to it in place, to keep one [N, K, n] buffer.
+    With a context, position k < K uses its utilities u_k(j) = pred_j + φ_k(j) over the items not yet placed —
+    teacher forcing on π keeps this O(N·K·n); positions ≥ K keep the first-order terms, whose suffixes involve only
+    those positions.
     """
     ascending = pred.gather(1, order.flip(1))
     if context is None:
         return _first_order_nll(ascending, released_eps)
-    utility = context(order).add_(pred.unsqueeze(1))
+    utility = context(order, pred)
     window, n = utility.shape[1:]
     return _WindowedChoiceNLL.apply(utility, order) + _first_order_nll(ascending[:, : n - window])
 
@@ -184,15 +188,16 @@ def _rank_loss_terms(
     tie_seed: int | None,
     step: int,
     gather: bool,
-    make_context: Callable[[torch.Tensor], Context] | None = None,
+    make_context: Callable[[torch.Tensor, Scale], Context] | None = None,
 ) -> LossTerms:
-    """L_CLIP + rank_weight·(λ_c·L_cross + λ_i·L_in); ``make_context`` builds a candidate set's transitions."""
+    """L_CLIP + rank_weight·(λ_c·L_cross + λ_i·L_in); ``make_context`` builds a candidate set's transitions from its
+    embeddings and the logit scale."""
     with full_precision(image.device):
         batch, scale = prepare(image, text, scale, gather)
         perm = _tie_break(batch.num_candidates, tie_seed, step)
         contexts = (None, None)
         if make_context is not None:
-            contexts = (make_context(batch.all_image), make_context(batch.all_text))
+            contexts = (make_context(batch.all_image, scale), make_context(batch.all_text, scale))
         clip, cross, inmodal = _ranking_parts(batch, scale, perm, *contexts)
         total = clip + rank_weight * (lambda_cross * cross + lambda_in * inmodal)
         return LossTerms(total, {"clip": clip.detach(), "rank_cross": cross.detach(), "rank_in": inmodal.detach()})
@@ -262,14 +267,19 @@ def _predecessors(order: torch.Tensor, window: int, lag: int, bos_index: int) ->
     return torch.cat([pad, order[:, : max(window - lag, 0)]], dim=1)
 
 
+def _unit_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """x [..., h·d_h] with each of its h heads scaled to unit norm (QK-norm)."""
+    return F.normalize(x.unflatten(-1, (heads, -1)), dim=-1).flatten(-2)
+
+
 class _Transition(nn.Module):
     """Weights of one order r ≥ 2: r−1 query factors W_Q, one key W_K (all d → h·d_h), a BOS vector, a gate g_r.
 
-    W_Q, W_K ~ N(0, 1/d) (METHOD.md): never zero, so they can learn once the gate opens. On unit-norm embeddings
-    this makes φ₂ small at init — std ≈ 1/(d·√h), about 1e-3 for d = 512, h = 4, against logits of order s — so
-    the transitions matter only once these weights grow. The BOS vector stands in for the embedding of a missing
-    predecessor. γ_r = tanh(g_r) with g_r = 0, so the order starts switched off while g_r
-    still receives gradient.
+    W_Q, W_K, BOS ~ N(0, 1/d) (METHOD.md §2 [v2]). Queries and keys are normalised per head (after the product of
+    the query factors), so φ_r = s·mean_h⟨q̂_h, k̂_h⟩ with the detached logit scale s: |φ_r| ≤ s whatever the norm
+    of the weights (weight decay cannot switch an order off), and on random embeddings φ_r/s has std ≈
+    1/(√d_h·√h), the order of the logits' own spread. γ_r = tanh(g_r) with g_r = 0: the order starts switched off
+    while g_r still receives gradient (once the rank weight is non-zero).
     """
 
     def __init__(self, order: int, dim: int, width: int) -> None:
@@ -286,14 +296,47 @@ class _Transition(nn.Module):
         return torch.tanh(self.gate)
 
 
+class _TransitionContext:
+    """The transition utilities of every order over one candidate set (items [n, d], the embedding of each column),
+    and the strength of each order over the rows it was called on.
+
+    Projects every item (and each BOS) once; per reference order it only gathers the projected queries of the
+    realised predecessors and multiplies them with all keys.
+    """
+
+    def __init__(self, transitions: nn.ModuleList, items: torch.Tensor, scale: Scale, window: int, heads: int,
+                 strength: dict[int, list[torch.Tensor]]) -> None:
+        self.n, self.window, self.heads, self.strength = items.shape[0], window, heads, strength
+        scale = scale.detach() if isinstance(scale, torch.Tensor) else scale
+        self.orders = [t.order for t in transitions]
+        self.tables = [torch.cat([items, t.bos.to(items)[None]]) @ t.query.to(items) for t in transitions]
+        # γ_r·s/h folded into the unit keys: one matmul per order then gives γ_r·φ_r
+        self.keys = [_unit_heads(items @ t.key.to(items), heads) * (torch.tanh(t.gate.to(items)) * scale / heads)
+                     for t in transitions]
+
+    def __call__(self, order: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+        window = min(self.window, self.n)
+        utility = pred.unsqueeze(1).expand(-1, window, -1).clone()
+        spread = pred.detach().std(dim=1, keepdim=True)
+        for r, table, keys in zip(self.orders, self.tables, self.keys, strict=True):
+            query = table[0][_predecessors(order, window, 1, self.n)]
+            for lag in range(2, table.shape[0] + 1):
+                query = query * table[lag - 1][_predecessors(order, window, lag, self.n)]
+            phi = _unit_heads(query, self.heads) @ keys.T
+            self.strength[r].append((phi.detach().std(dim=2) / spread).mean())
+            utility += phi
+        return utility
+
+
 class HighOrderRankLoss(nn.Module):
     """Order-R Plackett–Luce ranking loss (METHOD.md §2): 0 = CLIP, 1 = RankCLIP, R ≥ 2 adds transition terms.
 
     At ranking position k < window, candidate j's utility is u_k(j) = P_j + Σ_{r=2..R} γ_r·φ_r(j | π(k−1), …,
-    π(k−r+1)), teacher-forced on the reference order π, with φ_r(j | a_1..a_{r−1}) = ⟨⊙_m W_Q^{r,m} e_{a_m},
-    W_K^r e_j⟩ averaged over h heads of width d_h, each scaled by 1/√d_h. Averaging per-head dot products equals
-    one dot product over all h·d_h coordinates divided by h·√d_h, which is how it is computed. e_j is the
-    (not detached) embedding of candidate j; one set of weights per order serves all four ranking terms.
+    π(k−r+1)), teacher-forced on the reference order π, with φ_r(j | a_1..a_{r−1}) = s·mean_h⟨q̂_h, k̂_h⟩ (QK-norm,
+    METHOD.md §2 [v2]): q = ⊙_m W_Q^{r,m} e_{a_m} and k = W_K^r e_j cut into h heads of width d_h, each normalised,
+    s the detached logit scale. Averaging per-head dot products of unit vectors equals one dot product over all
+    h·d_h coordinates divided by h, which is how it is computed. e_j is the (not detached) embedding of candidate
+    j; one set of weights per order serves all four ranking terms.
 
     Cost per term (N query rows, B candidates): O(N·window·B·(R−1)·h·d_h) time and O(N·window·(B + (R−1)·h·d_h))
     memory — linear in R, never O(B^R): only the realised predecessors are gathered. Nesting: order 1 runs
@@ -322,37 +365,13 @@ class HighOrderRankLoss(nn.Module):
             )
         self.order = order
         self.window = window
+        self.heads = heads
         self.lambda_cross = lambda_cross
         self.lambda_in = lambda_in
-        self.head_norm = 1.0 / (heads * math.sqrt(head_dim))
         self.transitions = nn.ModuleList(_Transition(r, dim, heads * head_dim) for r in range(2, order + 1))
 
     def extra_repr(self) -> str:
         return f"order={self.order}, window={self.window}, lambda_cross={self.lambda_cross}, lambda_in={self.lambda_in}"
-
-    def _context(self, items: torch.Tensor) -> Context:
-        """Transition utilities over one candidate set (items [n, d], the embedding of each column).
-
-        Projects every item (and each BOS) once; per reference order it then only gathers the projected queries
-        of the realised predecessors and multiplies them with all keys: one matmul for all orders and heads.
-        """
-        n = items.shape[0]
-        tables = [torch.cat([items, t.bos.to(items)[None]]) @ t.query.to(items) for t in self.transitions]
-        keys = torch.cat(
-            [(items @ t.key.to(items)) * (t.gamma.to(items) * self.head_norm) for t in self.transitions], dim=1
-        )
-
-        def context(order: torch.Tensor) -> torch.Tensor:
-            window = min(self.window, n)
-            queries = []
-            for table in tables:
-                query = table[0][_predecessors(order, window, 1, n)]
-                for lag in range(2, table.shape[0] + 1):
-                    query = query * table[lag - 1][_predecessors(order, window, lag, n)]
-                queries.append(query)
-            return torch.cat(queries, dim=2) @ keys.T
-
-        return context
 
     def terms(
         self,
@@ -365,16 +384,21 @@ class HighOrderRankLoss(nn.Module):
         step: int = 0,
         gather: bool = False,
     ) -> LossTerms:
-        """The loss with its parts: "clip" (order 0: the only part), "rank_cross", "rank_in", "gamma_r" (r ≥ 2)."""
+        """The loss with its parts: "clip" (order 0: the only part), "rank_cross", "rank_in", and for r ≥ 2
+        "gamma_r" and "transition_strength_r"."""
         if self.order == 0:
             clip = clip_loss(image, text, scale, gather=gather)
             return LossTerms(clip, {"clip": clip.detach()})
-        make_context = self._context if self.transitions else None
-        result = _rank_loss_terms(
-            image, text, scale, rank_weight, self.lambda_cross, self.lambda_in, tie_seed, step, gather, make_context
-        )
+        strength: dict[int, list[torch.Tensor]] = {t.order: [] for t in self.transitions}
+
+        def make_context(items: torch.Tensor, scale: Scale) -> Context:
+            return _TransitionContext(self.transitions, items, scale, self.window, self.heads, strength)
+
+        result = _rank_loss_terms(image, text, scale, rank_weight, self.lambda_cross, self.lambda_in, tie_seed, step,
+                                  gather, make_context if self.transitions else None)
         gammas = {f"gamma_{t.order}": t.gamma.detach() for t in self.transitions}
-        return LossTerms(result.total, {**result.parts, **gammas})
+        strengths = {f"transition_strength_{r}": torch.stack(values).mean() for r, values in strength.items()}
+        return LossTerms(result.total, {**result.parts, **gammas, **strengths})
 
     def forward(
         self,

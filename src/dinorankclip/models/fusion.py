@@ -101,23 +101,21 @@ class MultiScaleFusion(nn.Module):
     """Branch-L maps (one per scale, C channels each) → δ = P(z_loc) ∈ R^D.
 
     The common grid is the finest incoming grid capped at `max_grid` (coarser maps are upsampled, finer ones
-    area-pooled), so the refiner's token count, and its cost, stay bounded. `zero_init_projection` zeroes P: the
-    ungated variants rely on it to start with z = z_g exactly; the gated variants keep P random and zero α instead.
+    area-pooled), so the refiner's token count, and its cost, stay bounded. P is zero-initialised (METHOD.md §3 [v2]:
+    the branch's last layer, not its gate, starts at zero), so every variant starts with z = z_g exactly while P
+    receives the full gradient from the first step.
     """
 
     def __init__(self, num_scales: int, channels: int, embed_dim: int, *, cbam: bool, refiner: bool,
-                 zero_init_projection: bool, reduction: int = 16, spatial_kernel: int = 7, heads: int = 8,
-                 refiner_depth: int = 2, max_grid: int = 14) -> None:
+                 reduction: int = 16, spatial_kernel: int = 7, heads: int = 8, refiner_depth: int = 2,
+                 max_grid: int = 14) -> None:
         super().__init__()
         self.max_grid = max_grid
         self.merge = nn.Conv2d(num_scales * channels, channels, kernel_size=1)
         self.attention = CBAM(channels, reduction, spatial_kernel) if cbam else nn.Identity()
         self.refiner = AttentionRefiner(channels, refiner_depth, heads) if refiner else None
         self.projection = nn.Linear(channels, embed_dim)
-        if zero_init_projection:
-            nn.init.zeros_(self.projection.weight)
-        else:
-            nn.init.normal_(self.projection.weight, std=channels ** -0.5)
+        nn.init.zeros_(self.projection.weight)
         nn.init.zeros_(self.projection.bias)
 
     def fused_map(self, maps: Sequence[torch.Tensor]) -> torch.Tensor:

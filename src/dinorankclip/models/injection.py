@@ -11,9 +11,12 @@ and is a drop-in replacement for it:
 returns, from one pass of the tower:
 
 - ``z_g``: the tower's own projected embedding [B, D], bit-identical to the un-wrapped `tower(x)`, not normalised;
-- ``z``: the injected embedding [B, D], not normalised (z = z_g for V1, and exactly at initialisation for all);
+- ``z``: the injected embedding [B, D], not normalised (z = z_g for V1 and the distill-only control, and exactly
+  at initialisation for all); the residual is added in fp32 whatever the autocast;
 - ``maps``: the branch-L maps, one [B, C, h_s, w_s] per tapped block in tap order (empty for V1); these are the
-  student maps for `dinorankclip.losses.distill`.
+  student maps for `dinorankclip.losses.distill`;
+- ``strength``: detached batch statistics of how far the injection moved z (`injection_strength`; empty when
+  nothing is injected).
 
 Under DistributedDataParallel call `features` from inside the forward of the module DDP wraps (DDP only needs its
 own forward to run). Weight decay: exclude the names in `no_weight_decay()` (α, every bias and norm of the
@@ -22,8 +25,10 @@ the tower, so open_clip's usual "ndim < 2 or bias/norm/logit_scale" rule gives t
 
 Fusion variants (the ablation of METHOD.md §3, `FUSION_VARIANTS`):
 V1 no injection (no branch L); V2 fused map → global average → linear residual z = z_g + δ; V3 = V2 + CBAM;
-V4 = V3 + self-attention refiner; V5 = V4 + conflict-aware gate (the full model); V6 = V4 + plain sigmoid gate.
-Ungated variants zero-initialise the projection P so that δ = 0 at start; gated ones zero only α.
+V4 = V3 + self-attention refiner; V5 = V4 + conflict-aware gate (the full model); V6 = V4 + plain sigmoid gate;
+`distill`, the distill-only control: branch L distilled into the tower's taps, nothing injected (z = z_g), which
+separates "distillation shapes the tower" from "injection carries the teacher into z". Every variant zero-initialises
+the projection P, so δ = 0 at start (METHOD.md §3 [v2]).
 """
 
 from __future__ import annotations
@@ -37,23 +42,27 @@ from open_clip.modified_resnet import ModifiedResNet
 from open_clip.transformer import PatchDropout, VisionTransformer
 from torch import nn
 
+from dinorankclip.losses.contrastive import full_precision
 from dinorankclip.models.fusion import MultiScaleFusion
-from dinorankclip.models.gate import ConflictAwareGate, SigmoidGate
+from dinorankclip.models.gate import ConflictAwareGate, GateOutput, SigmoidGate
 from dinorankclip.models.local_branch import LocalBranch
 
 
 @dataclass(frozen=True)
 class FusionVariant:
-    """Which parts of the injection a fusion variant uses; `gate` is None for an ungated residual z = z_g + δ."""
+    """Which parts of the injection a fusion variant uses: branch L (distilled), the injection of δ into z, and how;
+    `gate` is None for an ungated residual z = z_g + δ."""
 
     inject: bool
     cbam: bool = False
     refiner: bool = False
     gate: type[SigmoidGate] | None = None
+    branch: bool = True
 
 
 FUSION_VARIANTS: dict[str, FusionVariant] = {
-    "v1": FusionVariant(inject=False),
+    "v1": FusionVariant(inject=False, branch=False),
+    "distill": FusionVariant(inject=False),
     "v2": FusionVariant(inject=True),
     "v3": FusionVariant(inject=True, cbam=True),
     "v4": FusionVariant(inject=True, cbam=True, refiner=True),
@@ -63,11 +72,37 @@ FUSION_VARIANTS: dict[str, FusionVariant] = {
 
 
 class InjectedFeatures(NamedTuple):
-    """One pass of the injected encoder: z (injected), z_g (the tower's own), the branch-L maps (see module doc)."""
+    """One pass of the injected encoder: z (injected), z_g (the tower's own), the branch-L maps, and the injection's
+    strength statistics (see module doc)."""
 
     z: torch.Tensor
     z_g: torch.Tensor
     maps: list[torch.Tensor]
+    strength: dict[str, torch.Tensor]
+
+
+@torch.no_grad()
+def injection_strength(z_g: torch.Tensor, residual: torch.Tensor, gate: SigmoidGate | None = None,
+                       gated: GateOutput | None = None) -> dict[str, torch.Tensor]:
+    """How far the injection moved the embedding (METHOD.md §3 [v2]), batch means as 0-dim tensors (no sync):
+    `angle_deg` ∠(z, z_g) in degrees — from atan2 of the tangential and radial parts, exact at small angles where
+    acos(cos) loses it to rounding —, `residual_ratio` ‖r′‖/‖z_g‖; with a gate also `gate_mean`, `alpha`,
+    `conflict_share` (the share of samples whose residual had a component opposing z_g) and `conflict_removed` (the
+    radial magnitude the conflict removal took away, relative to ‖z_g‖; 0 for the plain gate, which removes
+    nothing)."""
+    z_g, residual = z_g.float(), residual.float()
+    norm = z_g.norm(dim=-1)
+    unit = z_g / norm.clamp_min(1e-12).unsqueeze(-1)
+    radial = (residual * unit).sum(dim=-1)
+    tangential = (residual - radial.unsqueeze(-1) * unit).norm(dim=-1)
+    stats = {"angle_deg": torch.rad2deg(torch.atan2(tangential, norm + radial)).mean(),
+             "residual_ratio": (residual.norm(dim=-1) / norm).mean()}
+    if gate is not None:
+        opposed = (gated.radial < 0).float()
+        removed = -gated.radial.clamp(max=0) / norm if gate.removes_conflict else torch.zeros_like(norm)
+        stats.update(gate_mean=gated.gate.mean(), alpha=gate.alpha.detach().float(), conflict_share=opposed.mean(),
+                     conflict_removed=removed.mean())
+    return stats
 
 
 def default_taps(depth: int, count: int = 3) -> list[int]:
@@ -138,7 +173,7 @@ class InjectedImageEncoder(nn.Module):
 
     def __init__(self, tower: nn.Module, variant: str = "v5", taps: Sequence[int] | None = None,
                  channels: int = 256, *, reduction: int = 16, spatial_kernel: int = 7, heads: int = 8,
-                 refiner_depth: int = 2, max_grid: int = 14, gate_bias: float = -4.0) -> None:
+                 refiner_depth: int = 2, max_grid: int = 14, gate_bias: float = 0.0) -> None:
         super().__init__()
         if variant not in FUSION_VARIANTS:
             raise ValueError(f"unknown fusion variant {variant!r}; expected one of {sorted(FUSION_VARIANTS)}")
@@ -150,7 +185,7 @@ class InjectedImageEncoder(nn.Module):
         self.branch: LocalBranch | None = None
         self.fusion: MultiScaleFusion | None = None
         self.gate: SigmoidGate | None = None
-        if not spec.inject:
+        if not spec.branch:
             return
         if isinstance(getattr(tower, "patch_dropout", None), PatchDropout):
             raise ValueError("injection needs the full patch grid; build the tower without patch dropout")
@@ -159,25 +194,36 @@ class InjectedImageEncoder(nn.Module):
             raise ValueError(f"taps must be sorted, distinct block indices in [0, {len(widths)}), got {self.taps}")
         embed_dim = tower.output_dim
         self.branch = LocalBranch([widths[i] for i in self.taps], channels)
+        if not spec.inject:
+            return
         self.fusion = MultiScaleFusion(len(self.taps), channels, embed_dim, cbam=spec.cbam, refiner=spec.refiner,
-                                       zero_init_projection=spec.gate is None, reduction=reduction,
-                                       spatial_kernel=spatial_kernel, heads=heads, refiner_depth=refiner_depth,
-                                       max_grid=max_grid)
+                                       reduction=reduction, spatial_kernel=spatial_kernel, heads=heads,
+                                       refiner_depth=refiner_depth, max_grid=max_grid)
         self.gate = spec.gate(embed_dim, gate_bias) if spec.gate is not None else None
 
     def features(self, x: torch.Tensor) -> InjectedFeatures:
-        """z, z_g and the branch-L maps from one pass of the tower (see the module doc)."""
+        """z, z_g, the branch-L maps and the injection's strength from one pass of the tower (see the module doc)."""
         if self.branch is None:
             z_g = self.tower(x)
-            return InjectedFeatures(z_g, z_g, [])
+            return InjectedFeatures(z_g, z_g, [], {})
         z_g, taken = forward_taps(self.tower, x, self.taps)
         maps = self.branch(taken)
+        if self.fusion is None:
+            return InjectedFeatures(z_g, z_g, maps, {})
         delta = self.fusion(maps)
-        z = z_g + delta if self.gate is None else self.gate(z_g, delta)
-        return InjectedFeatures(z, z_g, maps)
+        if self.gate is None:
+            with full_precision(z_g.device):
+                residual = delta.float()
+                z = z_g.float() + residual
+            return InjectedFeatures(z, z_g, maps, injection_strength(z_g, residual))
+        gated = self.gate.gated(z_g, delta)
+        return InjectedFeatures(gated.z, z_g, maps, injection_strength(z_g, gated.residual, self.gate, gated))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The injected embedding z (not normalised), as an open_clip tower returns its embedding."""
+        """The injected embedding z (not normalised), as an open_clip tower returns its embedding; a variant that
+        injects nothing (V1, distill-only) is the tower alone at inference."""
+        if self.fusion is None:
+            return self.tower(x)
         return self.features(x).z
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:

@@ -26,7 +26,10 @@ class PlackettLuceObjective(nn.Module):
                 gather: bool = False) -> tuple[torch.Tensor, dict]:
         w = rank_weight(self.weight["schedule"], step, total_steps, self.weight["w_max"], self.weight["p_ramp"])
         terms = self.ranking.terms(image, text, scale, rank_weight=w, tie_seed=self.seed, step=step, gather=gather)
-        return terms.total, {**{f"loss/{k}": v for k, v in terms.parts.items()}, "rank_weight": w}
+        # the loss parts, and the transition heads' gates γ_r and strengths (not losses)
+        named = {(f"transition/{k.removeprefix('transition_')}" if k.startswith(("gamma_", "transition_"))
+                  else f"loss/{k}"): v for k, v in terms.parts.items()}
+        return terms.total, {**named, "rank_weight": w}
 
 
 class CyclipObjective(nn.Module):

@@ -8,8 +8,9 @@ import torch
 from open_clip_train.scheduler import cosine_lr
 from torch import nn
 
-# Scalars and vectors (norm gains, biases, the logit scale, gate and residual scales) are not decayed.
-NO_DECAY_NAMES = ("logit_scale", "logit_bias")
+# Scalars and vectors (norm gains, biases, the logit scale, gate and residual scales) are not decayed, nor are the
+# transition heads of the high-order ranking loss (METHOD.md §2 [v2]: weights, BOS vectors and gates).
+NO_DECAY_NAMES = ("logit_scale", "logit_bias", "ranking.transitions.")
 
 
 def decays(name: str, param: torch.Tensor) -> bool:

@@ -31,7 +31,7 @@ from dinorankclip.train.objective import build_objective
 from dinorankclip.train.optim import make_optimizer, make_schedule, param_groups
 from dinorankclip.train.patch import PatchObjective
 from dinorankclip.train.preemption import Preempted, stop_on_signals
-from dinorankclip.train.step import NonFiniteLoss, TrainStep, autocast, gate_alpha, update
+from dinorankclip.train.step import NonFiniteLoss, TrainStep, autocast, update
 from dinorankclip.train.student import Student, distills
 
 log = logging.getLogger(__name__)
@@ -93,22 +93,34 @@ def captions_index(cfg: dict, stage_dirs: dict[str, Path]) -> Path | None:
     return stage_dirs["captions"] / "captions.json" if reads_captions(cfg) else None
 
 
+# What validation averages besides the losses: how strongly the injection and the transition heads act.
+STRENGTH_PREFIXES = ("injection/", "transition/")
+
+
 @torch.no_grad()
-def validation_loss(step_module: TrainStep, dataset: ShardPairs, batches: GlobalBatches, world: ddp.World,
-                    step: int, total_steps: int, precision: str) -> float:
-    """Mean objective (incl. distillation) over the held-out global batches, in eval mode, at the current step."""
+def validate(step_module: TrainStep, dataset: ShardPairs, batches: GlobalBatches, world: ddp.World, step: int,
+             total_steps: int, precision: str) -> dict[str, float]:
+    """Means over the held-out global batches, in eval mode, at the current step: `val_loss`, the plain CLIP loss
+    on the raw captions that selects `best/` for every run alike (METHOD.md §6a); `val_objective`, the run's own
+    objective; and the strength statistics of the injection and of the transition heads (`injection/*`,
+    `transition/*`)."""
     step_module.eval()
-    total, count = torch.zeros((), device=world.device), 0
+    sums: dict[str, torch.Tensor] = {}
+    count = 0
     for batch in pair_loader(dataset, batches, workers=0):
         images, tokens, teacher, captions = batch_to(batch, world.device)
         with autocast(world.device, precision):
-            loss, _ = step_module(images, tokens, teacher, step, total_steps, captions)
-        total, count = total + loss.float(), count + 1
+            loss, terms = step_module(images, tokens, teacher, step, total_steps, captions)
+        values = {"val_loss": terms["selection/clip"], "val_objective": loss.detach().float(),
+                  **{k: v for k, v in terms.items() if k.startswith(STRENGTH_PREFIXES)}}
+        sums = {k: sums.get(k, 0) + v.float() for k, v in values.items()}
+        count += 1
     step_module.train()
+    stacked = torch.stack([sums[k] for k in sorted(sums)]) / count
     if world.size > 1:
-        torch.distributed.all_reduce(total)
-        total /= world.size
-    return (total / count).item()
+        torch.distributed.all_reduce(stacked)
+        stacked /= world.size
+    return dict(zip(sorted(sums), stacked.tolist(), strict=True))
 
 
 class Progress:
@@ -117,6 +129,8 @@ class Progress:
     def __init__(self) -> None:
         self.step, self.seconds, self.epoch_losses, self.train_losses, self.val_losses = 0, 0.0, [], [], []
         self.best_val, self.best_epoch, self.flops_per_step, self.resumes = math.inf, -1, 0, 0
+        self.val_objectives: list[float] = []
+        self.strength: dict[str, float] = {}  # the last validation's strength statistics
 
     def state_dict(self) -> dict:
         return dict(vars(self))
@@ -268,24 +282,27 @@ def resume(state: Path, stamp: str, step_module: nn.Module, optimizer: torch.opt
 def end_epoch(progress: Progress, epoch: int, step_module: TrainStep, dataset: ShardPairs,
               val_batches: GlobalBatches | None, world: ddp.World, total_steps: int, opt: dict, tracker,
               state: Path) -> None:
-    """Validation loss on the held-out split; the best epoch's model weights are kept in `state`."""
+    """Validation on the held-out split; the model of the epoch with the lowest CLIP validation loss is kept in
+    `state` (METHOD.md §6a)."""
     metrics = {"epoch_train_loss": sum(progress.epoch_losses) / max(len(progress.epoch_losses), 1)}
     progress.train_losses.append(metrics["epoch_train_loss"])
     progress.epoch_losses = []
     if val_batches is not None:
-        val = validation_loss(step_module, dataset, val_batches, world, progress.step, total_steps,
-                              opt["precision"])
-        progress.val_losses.append(val)
-        metrics["val_loss"] = val
-        if val < progress.best_val:
-            progress.best_val, progress.best_epoch = val, epoch
+        val = validate(step_module, dataset, val_batches, world, progress.step, total_steps, opt["precision"])
+        progress.val_losses.append(val["val_loss"])
+        progress.val_objectives.append(val["val_objective"])
+        progress.strength = {k: v for k, v in val.items() if k.startswith(STRENGTH_PREFIXES)}
+        metrics.update({k if k.startswith("val_") else f"val/{k}": v for k, v in val.items()})
+        if val["val_loss"] < progress.best_val:
+            progress.best_val, progress.best_epoch = val["val_loss"], epoch
             if world.main:
                 checkpoint.save(state / checkpoint.BEST, {"model": step_module.student.model.state_dict(),
-                                                          "epoch": epoch, "val_loss": val})
+                                                          "epoch": epoch, "val_loss": val["val_loss"]})
     tracker.log_metrics(metrics, progress.step)
     if world.main:
         log.info("epoch %d: train loss %.4f%s", epoch, metrics["epoch_train_loss"],
-                 f", validation loss {metrics['val_loss']:.4f}" if "val_loss" in metrics else "")
+                 f", validation CLIP loss {metrics['val_loss']:.4f} (objective {metrics['val_objective']:.4f})"
+                 if "val_loss" in metrics else "")
 
 
 def export(cfg: dict, model: nn.Module, spec: dict | None, progress: Progress, state: Path, out: Path,
@@ -305,15 +322,13 @@ def export(cfg: dict, model: nn.Module, spec: dict | None, progress: Progress, s
     metrics = {"steps": progress.step, "samples_seen": progress.step * opt["batch_size"],
                "epochs": len(progress.train_losses), "seed": cfg["seed"],
                "final_epoch_train_loss": progress.train_losses[-1], "val_loss": progress.val_losses,
+               "val_objective": progress.val_objectives, "strength": progress.strength,
                "best_epoch": progress.best_epoch,
                "best_val_loss": progress.best_val if progress.best_epoch >= 0 else None,
                "train_seconds": progress.seconds, "device": str(device.type), "world_size": world.size,
                "device_hours": hours, "device_hours_unit": unit,
                "train_flops": progress.flops_per_step * progress.step, "flops_per_step": progress.flops_per_step,
                "peak_flops_per_device": peak, "peak_flops_source": peak_source, "resumes": progress.resumes}
-    alpha = gate_alpha(model)
-    if alpha is not None:
-        metrics["gate_alpha"] = alpha.item()
     write_json(out / "metrics.json", metrics)
     return metrics
 

@@ -14,6 +14,7 @@ import math
 import torch
 from torch import nn
 
+from dinorankclip.losses import clip_loss
 from dinorankclip.train.caption_sampling import sample_captions
 from dinorankclip.train.student import Student, distill_loss, distill_weight
 
@@ -42,7 +43,7 @@ class TrainStep(nn.Module):
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor, teacher: torch.Tensor | None, step: int,
                 total_steps: int, captions: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
-        if self.p_synthetic:
+        if self.p_synthetic and self.training:  # validation reads the raw captions (METHOD.md §6a)
             tokens = sample_captions(tokens, captions, self.p_synthetic, self.seed, step)
         out = self.student(images, tokens, teacher, captions if self.reads_captions else None, step)
         extra = {"caption": out.caption.float()} if self.reads_captions else {}
@@ -59,9 +60,10 @@ class TrainStep(nn.Module):
             if out.patch is not None:
                 loss = loss + self.patch_weight * out.patch
                 terms["loss/patch"] = out.patch.detach()
-        alpha = gate_alpha(self.student.model)
-        if alpha is not None:
-            terms["gate_alpha"] = alpha.detach()
+            if not self.training:  # the criterion that selects `best/` for every run alike (METHOD.md §6a)
+                terms["selection/clip"] = clip_loss(out.image.float(), out.text.float(), out.scale.float().detach(),
+                                                    gather=self.gather).detach()
+        terms.update({f"injection/{k}": v for k, v in (out.strength or {}).items()})
         terms["logit_scale"] = out.scale.detach()
         return loss, terms
 
@@ -69,12 +71,6 @@ class TrainStep(nn.Module):
         """Updates that follow the optimizer step: the patch objective's head-only EMA."""
         if self.student.patch is not None:
             self.student.patch.after_step()
-
-
-def gate_alpha(model: nn.Module) -> torch.Tensor | None:
-    """The residual scale α of a gated injection (variants v5, v6); None for any other image tower."""
-    gate = getattr(model.visual, "gate", None)
-    return getattr(gate, "alpha", None)
 
 
 def autocast(device: torch.device, precision: str):

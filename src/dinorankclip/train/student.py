@@ -26,6 +26,7 @@ class StepOutput(NamedTuple):
     distill: DistillTerms | None
     caption: torch.Tensor | None = None  # [B, D] normalised embeddings of the second captions (ALIP)
     patch: torch.Tensor | None = None  # the patch objective's loss (iBOT / iBOT++)
+    strength: dict[str, torch.Tensor] | None = None  # the injection's strength statistics (detached batch means)
 
 
 def distills(model: nn.Module) -> bool:
@@ -76,7 +77,7 @@ class Student(nn.Module):
         if teacher_maps is None:
             raise ValueError("this run distils from the teacher, but the batch has no teacher features")
         return StepOutput(F.normalize(features.z, dim=-1), text, scale, self.distill(features.maps, teacher_maps),
-                          caption)
+                          caption, strength=features.strength)
 
 
 def distill_weight(injection: dict, loss: dict, step: int, total_steps: int) -> float:
