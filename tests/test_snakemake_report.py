@@ -12,7 +12,7 @@ import time
 import pytest
 from helpers import repo_params, snapshot_repo, venv_env
 
-from dinorankclip.config import benchmark_name, evaluated_runs, finetune_runs, run_names
+from dinorankclip.config import benchmark_name, evaluated_runs, finetune_runs, run_names, run_seeds, seeded
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium)")
@@ -29,29 +29,32 @@ def fake_study(root, params):
         (root / stage).mkdir(parents=True)
     time.sleep(0.01)
     ev = params["studies"]["demo"]["evaluate"]
-    for i, run in enumerate(run_names(params)):
-        write(root / "pretrain" / run / "metrics.json", {"device_hours": 0.02 + i / 1000,
-                                                        "device_hours_unit": "CPU-core-hours"})
-    for run in finetune_runs(params):
-        write(root / "finetune" / run / "metrics.json", {"device_hours": 0.005, "device_hours_unit": "CPU-core-hours",
-                                                         "kernel_loss_first": 0.1, "kernel_loss_last": 0.09})
+    for run, seed in seeded(params, run_names(params)):
+        write(root / "pretrain" / run / f"seed{seed}" / "metrics.json", {"train_flops": 1e12, "strength": {}})
+    for run, seed in seeded(params, list(finetune_runs(params))):
+        write(root / "finetune" / run / f"seed{seed}" / "metrics.json", {"train_flops": 1e11, "kernel_loss_first": 0.1,
+                                                                         "kernel_loss_last": 0.09})
     time.sleep(0.01)
     for i, run in enumerate(evaluated_runs(params)):
-        score = 0.3 + i / 50
-        for suite in ev["suites"]:
-            metrics = ({"acc1": score, "acc5": 0.9} if suite["task"] == "zeroshot_classification" else
-                       {f"{d}_retrieval_recall@{k}": score * k / 10 for d in ("image", "text") for k in (1, 5, 10)})
-            write(root / "evaluate" / run / f"{benchmark_name(suite['dataset'])}.json",
-                  {"dataset": suite["dataset"], "task": suite["task"], "classnames": list("abcde"), "metrics": metrics})
-        for dataset in ev["linear_probe"]["datasets"]:
-            write(root / "evaluate" / run / "linear_probe" / f"{benchmark_name(dataset)}.json",
-                  {"dataset": dataset, "task": "linear_probe", "classnames": list("abcde"),
-                   "metrics": {"lp_acc1": score + 0.1}})
-        nodes = ["text", "z_g", "z", "teacher"] if run.startswith("drc") else ["text", "z", "teacher"]
-        dist = [[abs(a - b) * (0.2 + i / 100) for b in range(len(nodes))] for a in range(len(nodes))]
-        write(root / "evaluate" / run / "modality_gap" / f"{benchmark_name(ev['modality_gap']['dataset'])}.json",
-              {"nodes": nodes, "centroid_distances": dist, "metrics": {
-                  "centroid_gap": dist[0][-2], "alignment": 0.4, "uniformity_image": -2.5, "uniformity_text": -2.8}})
+        for seed in run_seeds(params, "demo", run):
+            score = 0.3 + i / 50 + seed / 100
+            out = root / "evaluate" / run / f"seed{seed}"
+            for suite in ev["suites"]:
+                metrics = ({"acc1": score, "acc5": 0.9} if suite["task"] == "zeroshot_classification" else
+                           {f"{d}_retrieval_recall@{k}": score * k / 10 for d in ("image", "text") for k in (1, 5, 10)})
+                write(out / f"{benchmark_name(suite['dataset'])}.json",
+                      {"dataset": suite["dataset"], "task": suite["task"], "classnames": list("abcde"),
+                       "metrics": metrics})
+            for dataset in ev["linear_probe"]["datasets"]:
+                write(out / "linear_probe" / f"{benchmark_name(dataset)}.json",
+                      {"dataset": dataset, "task": "linear_probe", "classnames": list("abcde"),
+                       "metrics": {"lp_acc1": score + 0.1}})
+            nodes = ["text", "z_g", "z", "teacher"] if run.startswith("drc") else ["text", "z", "teacher"]
+            dist = [[abs(a - b) * (0.2 + i / 100) for b in range(len(nodes))] for a in range(len(nodes))]
+            write(out / "modality_gap" / f"{benchmark_name(ev['modality_gap']['dataset'])}.json",
+                  {"nodes": nodes, "centroid_distances": dist, "metrics": {
+                      "centroid_gap": dist[0][-2], "alignment": 0.4, "uniformity_image": -2.5,
+                      "uniformity_text": -2.8}})
 
 
 async def inspect(html_path, screenshot, port):

@@ -165,7 +165,7 @@ def report_spec(params: dict, cfg: dict):
     runs = evaluated_runs(params)
     return ReportSpec(
         study=study, runs=runs, benchmarks=suite_names(params, study),
-        seeds={run: run_seeds(params, study, run) for run in runs},
+        seeds={run: run_seeds(params, study, run) for run in runs}, comparisons=report_comparisons(params, runs),
         sweep_orders={run: c["loss"]["order"] for run, c in report_runs(params, study, "order_sweep").items()},
         fusion_variants={FUSION_LABELS.get(c["injection"]["variant"], c["injection"]["variant"]): run
                          for run, c in report_runs(params, study, "fusion_ablation").items()},
@@ -175,6 +175,17 @@ def report_spec(params: dict, cfg: dict):
         ood=[benchmark_name(s["dataset"]) for s in ev["suites"] if s.get("group") == "ood"],
         probes=[benchmark_name(d) for d in ev.get("linear_probe", {}).get("datasets", [])],
         gap=benchmark_name(ev["modality_gap"]["dataset"]) if ev.get("modality_gap") else None)
+
+
+def report_comparisons(params: dict, runs: list[str]) -> list[tuple[str, str]]:
+    """The declared (run, reference) comparisons (`report.comparisons`, aliases resolved) whose runs this study
+    evaluates; the others are logged and left out."""
+    pairs = [(canonical_run(params, c["run"]), canonical_run(params, c["against"]))
+             for c in params["report"].get("comparisons", [])]
+    missing = [f"{a} vs {b}" for a, b in pairs if a not in runs or b not in runs]
+    if missing:
+        log.info("report.comparisons: not in this study, left out: %s", "; ".join(missing))
+    return [(a, b) for a, b in pairs if a in runs and b in runs]
 
 
 def report_runs(params: dict, study: str, table: str) -> dict[str, dict]:
@@ -188,8 +199,8 @@ def report_runs(params: dict, study: str, table: str) -> dict[str, dict]:
     return {canonical_run(params, name): resolve(params, study, name) for name in names}
 
 
-FUSION_LABELS = {"v1": "V1 no injection", "v2": "V2 linear residual", "v3": "V3 +CBAM", "v4": "V4 +refiner",
-                 "v5": "V5 +conflict-aware gate", "v6": "V6 +plain gate"}
+FUSION_LABELS = {"v1": "V1 no injection", "distill": "V1 +distillation (control)", "v2": "V2 linear residual",
+                 "v3": "V3 +CBAM", "v4": "V4 +refiner", "v5": "V5 +conflict-aware gate", "v6": "V6 +plain gate"}
 
 
 STAGES = {"source": cmd_source, "data": cmd_data, "teacher-weights": cmd_teacher_weights, "teacher": cmd_teacher,

@@ -80,6 +80,11 @@ def _cross_key_problems(params: Mapping[str, Any]) -> list[str]:
     if params["study"] not in params["studies"]:
         problems.append(f"study: '{params['study']}' is not one of studies ({', '.join(params['studies'])})")
     problems += _finetune_problems(params, params.get("finetune_runs", {}), "finetune_runs")
+    known = set(params["runs"]) | set(params.get("aliases", {})) | set(params.get("finetune_runs", {})) | {
+        name for block in params["studies"].values() for name in block.get("finetune_runs", {})}
+    for i, pair in enumerate(params["report"].get("comparisons", [])):
+        problems += [f"report.comparisons.{i}.{key}: '{pair[key]}' is not a run, an alias or a fine-tuned run"
+                     for key in ("run", "against") if pair[key] not in known]
     for alias, run in params.get("aliases", {}).items():
         if alias in params["runs"]:
             problems.append(f"aliases.{alias}: is also the name of a run")

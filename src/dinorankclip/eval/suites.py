@@ -4,12 +4,14 @@ Datasets are built by clip-benchmark's `build_dataset` from a `dataset_root` tem
 its CLI), and each result is written in the schema of `clip_benchmark eval --dump_classnames`, so the files can
 be compared with, or aggregated by, the stock tool (`clip_benchmark build`). Layout of a run's results:
 `<benchmark>.json` (zero-shot), `linear_probe/<benchmark>.json` (the probe, clip-benchmark's linear_probe
-schema) and `modality_gap/<benchmark>.json` (the gap analysis, `dinorankclip.eval.modality_gap`).
+schema), `modality_gap/<benchmark>.json` (the gap analysis, `dinorankclip.eval.modality_gap`) and
+`items/<benchmark>.json` (the test size and each item's correctness, for the report's tests on one seed).
 """
 
 from __future__ import annotations
 
 import logging
+import tarfile
 from pathlib import Path
 
 import torch
@@ -53,20 +55,36 @@ def build(dataset: str, task: str, ev: dict, transform, split: str = "test"):
     return build_dataset(dataset_name=dataset, root=root, transform=transform, split=split, task=task, download=False)
 
 
-def evaluate_suite(model, transform, tokenizer, suite: dict, ev: dict, device: str) -> dict:
+def split_size(root: str, split: str = "test") -> int | None:
+    """The number of samples (distinct keys) in a local webdataset split; None for a remote dataset."""
+    folder = Path(root) / split
+    if "://" in root or not folder.is_dir():
+        return None
+    keys = set()
+    for shard in sorted(folder.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            keys.update(member.name.split(".", 1)[0] for member in tar if member.isfile())
+    return len(keys)
+
+
+def evaluate_suite(model, transform, tokenizer, suite: dict, ev: dict, device: str) -> tuple[dict, dict]:
+    """(the suite's result in clip-benchmark's schema, its per-item record: the test size n and, for
+    classification, each item's top-1 correctness as a string of 0/1 in the dataset's order)."""
     dataset = build(suite["dataset"], suite["task"], ev, transform)
     loader = _loader(dataset, ev["batch_size"], ev["workers"])
     amp = device == "cuda"
     result = {"dataset": suite["dataset"], "task": suite["task"], "language": "en"}
     if suite["task"] == "zeroshot_classification":
-        result["metrics"] = classification_metrics(model, loader, tokenizer, dataset.classes, dataset.templates,
-                                                   device, amp)
+        result["metrics"], correct = classification_metrics(model, loader, tokenizer, dataset.classes,
+                                                            dataset.templates, device, amp)
         result["classnames"] = list(dataset.classes)
+        items = {"n": len(correct), "correct_top1": "".join("1" if c else "0" for c in correct)}
     elif suite["task"] == "zeroshot_retrieval":
         result["metrics"] = retrieval_metrics(model, loader, tokenizer, device, amp, suite["recall_k"])
+        items = {"n": split_size(dataset_root(ev["dataset_root"], suite["dataset"]))}
     else:
         raise ValueError(f"evaluate.suites: task {suite['task']!r} of {suite['dataset']} is not supported")
-    return result
+    return result, {"dataset": suite["dataset"], "task": suite["task"], **items}
 
 
 def evaluate_probe(model, transform, dataset: str, ev: dict, device: str, seed: int, model_dir: Path,
@@ -131,7 +149,9 @@ def evaluate_run(cfg: dict, model_dir: Path, out: Path, tracker, teacher_weights
         results[prefix] = result
 
     for suite in ev["suites"]:
-        record("", benchmark_name(suite["dataset"]), evaluate_suite(model, transform, tokenizer, suite, ev, device))
+        result, items = evaluate_suite(model, transform, tokenizer, suite, ev, device)
+        record("", benchmark_name(suite["dataset"]), result)
+        write_json(out / "items" / f"{benchmark_name(suite['dataset'])}.json", items)
     for dataset in ev.get("linear_probe", {}).get("datasets", []):
         record("linear_probe", benchmark_name(dataset),
                evaluate_probe(model, transform, dataset, ev, device, cfg["study_seed"], model_dir, cache_dir))

@@ -21,15 +21,19 @@ def topk_accuracy(logits: torch.Tensor, target: torch.Tensor, topk: tuple[int, .
     return [hit[:, :k].any(dim=1).sum().item() / len(target) for k in topk]
 
 
-def classification_metrics(model, dataloader, tokenizer, classnames, templates, device: str, amp: bool) -> dict:
+def classification_metrics(model, dataloader, tokenizer, classnames, templates, device: str,
+                           amp: bool) -> tuple[dict, list[bool]]:
+    """clip-benchmark's three metrics, and whether each test item's top-1 prediction is right (in the dataset's
+    order: what a McNemar test between two models on one seed compares)."""
     classifier = zeroshot_classification.zero_shot_classifier(model, tokenizer, classnames, templates, device, amp)
     logits, target = zeroshot_classification.run_classification(model, classifier, dataloader, device, amp=amp)
     if len(classnames) >= 5:
         acc1, acc5 = topk_accuracy(logits, target, (1, 5))
     else:
         (acc1,), acc5 = topk_accuracy(logits, target, (1,)), float("nan")
-    recall = balanced_accuracy_score(target.numpy(), logits.argmax(dim=1).numpy())
-    return {"acc1": acc1, "acc5": acc5, "mean_per_class_recall": float(recall)}
+    predicted = logits.argmax(dim=1)
+    recall = balanced_accuracy_score(target.numpy(), predicted.numpy())
+    return {"acc1": acc1, "acc5": acc5, "mean_per_class_recall": float(recall)}, (predicted == target).tolist()
 
 
 def retrieval_metrics(model, dataloader, tokenizer, device: str, amp: bool, recall_k: list[int]) -> dict:

@@ -33,10 +33,12 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 from dinorankclip.data.images import DataPathError, ImageBatch, ImageSource, check_finetune_data
@@ -196,9 +198,12 @@ def finetune(cfg: dict, dirs: dict[str, Path], out: Path, tracker: Tracker,
         t_step = time.perf_counter()
         lr = set_lr(step)
         images = batch.images.to(device, non_blocking=True)
-        terms = align_terms(visual, anchor, kernel, images, teacher_cls(batch, images), ft)
-        optimizer.zero_grad(set_to_none=True)
-        terms.total.backward()
+        with FlopCounterMode(display=False) if step == 0 else nullcontext() as counter:
+            terms = align_terms(visual, anchor, kernel, images, teacher_cls(batch, images), ft)
+            optimizer.zero_grad(set_to_none=True)
+            terms.total.backward()
+        if counter is not None:  # forward and backward of one step, the anchor's forward included
+            flops_per_step = counter.get_total_flops()
         grad_norm = torch.nn.utils.clip_grad_norm_(visual.parameters(), float("inf"))
         optimizer.step()
         step_losses.append(terms.total.item())
@@ -230,7 +235,8 @@ def finetune(cfg: dict, dirs: dict[str, Path], out: Path, tracker: Tracker,
                "kernel_loss_first": first.kernel.item(), "kernel_loss_last": last.kernel.item(),
                "reg_first": first.reg.item(), "reg_last": last.reg.item(),
                "train_loss_first": step_losses[0], "train_loss_last": step_losses[-1],
-               "frozen_unchanged": True, "fit_seconds": fit_seconds, "train_seconds": seconds, "device": str(device),
+               "frozen_unchanged": True, "flops_per_step": flops_per_step, "train_flops": flops_per_step * ft["steps"],
+               "fit_seconds": fit_seconds, "train_seconds": seconds, "device": str(device),
                "device_hours": hours, "device_hours_unit": unit}
     write_json(out / "metrics.json", metrics)
     tracker.log_metrics({f"final/{k}": v for k, v in metrics.items()
