@@ -221,7 +221,8 @@ def test_kuea_table_pairs_after_with_before_by_seed(report):
     assert table.loc["clip-kuea after", "kernel loss"] == pytest.approx(0.0703125)
     assert table.loc["clip-kuea before", "run"] == "clip" and table.loc["clip-kuea after", "run"] == "clip-kuea"
     rows = md_rows(report, "kuea")
-    assert rows[2] == "| clip-kuea Δ |  | -0.05469 ± 0.019 | +1.0 ± 2.2 | +0.0 ± 0.0 | -5.9 ± 1.0* | **+11.7 ± 1.9*** | 3 |"
+    assert rows[2] == ("| clip-kuea Δ |  | -0.05469 ± 0.019 | +1.0 ± 2.2 | +0.0 ± 0.0 | -5.9 ± 1.0* "
+                       "| **+11.7 ± 1.9*** | 3 |")
 
 
 def test_ood_retrieval_probe_and_gap_tables(report):
