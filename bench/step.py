@@ -9,8 +9,8 @@ online teacher: speed does not depend on them), so no study needs to have been r
 
 The reference is open_clip's step: `open_clip.create_model(arch)`, `ClipLoss`, fused AdamW, the logit-scale clamp.
 Both sides get the same seed, inputs, autocast, the run's `pretrain.grad_checkpointing` and `compile`, the
-process-wide settings of `setup_torch` (deterministic algorithms) and the same timing: `--warmup` untimed steps, then
-`--steps` steps between device synchronisations. Each side's FLOPs are counted on one more step
+process-wide settings of `setup_torch` (`pretrain.deterministic`) and the same timing: `--warmup` untimed steps,
+then `--steps` steps between device synchronisations. Each side's FLOPs are counted on one more step
 (`dinorankclip.train.flops`), so its MFU uses its own work: injection, ranking heads and distillation make ours more
 FLOPs per sample than open_clip's.
 One process drives one device, so samples/s per device equals samples/s.
@@ -92,7 +92,8 @@ def our_step(cfg: dict, args, device: torch.device, precision: str) -> Callable[
     opt = cfg["pretrain"]
     with tempfile.TemporaryDirectory() as tmp:
         dirs, width = stand_in_teacher(cfg, Path(tmp))
-        setup_torch(cfg["seed"], args.threads)  # seeds as pretraining does, after the stand-in's own init
+        # seeds and determinism as pretraining sets them, after the stand-in's own init
+        setup_torch(cfg["seed"], args.threads, opt["deterministic"])
         student, _, _, _ = build_student(cfg, dirs, device)
     if opt["grad_checkpointing"]:
         student.model.set_grad_checkpointing(True)

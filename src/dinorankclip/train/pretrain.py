@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -34,14 +35,21 @@ from dinorankclip.train.student import Student, distills
 
 log = logging.getLogger(__name__)
 # settings that change how a run is executed or observed, not what it computes: a checkpoint stays valid
-EXECUTION_KEYS = ("threads", "workers", "log_every", "checkpoint_every", "resume", "compile", "grad_checkpointing")
+EXECUTION_KEYS = ("threads", "workers", "log_every", "checkpoint_every", "resume", "compile", "grad_checkpointing",
+                  "deterministic")
 RUN_ID_FILE = "mlflow_run.json"
 
 
-def setup_torch(seed: int, threads: int) -> torch.device:
+def setup_torch(seed: int, threads: int, deterministic: bool) -> torch.device:
+    """Seed, threads and `pretrain.deterministic`: on, deterministic kernels make a resumed run bit-identical; off
+    (the paper's GPU default), cuDNN autotunes and no slow deterministic fallbacks (nor NaN-filled `torch.empty`)
+    are forced, and a resumed run is exact in data order and state but not bit for bit."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's deterministic mode; read at its start
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    torch.backends.cudnn.benchmark = not deterministic
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -130,7 +138,7 @@ def pretrain(cfg: dict, data_dir: Path, stage_dirs: dict[str, Path], out: Path |
     model into `out`."""
     opt = cfg["pretrain"]
     world = ddp.init_world()
-    setup_torch(cfg["seed"], opt["threads"])
+    setup_torch(cfg["seed"], opt["threads"], opt["deterministic"])
     student, transform, spec, features = build_student(cfg, stage_dirs, world.device)
     model = student.model
     if opt["grad_checkpointing"]:
