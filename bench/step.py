@@ -9,14 +9,14 @@ online teacher: speed does not depend on them), so no study needs to have been r
 
 The reference is open_clip's step: `open_clip.create_model(arch)`, `ClipLoss`, fused AdamW, the logit-scale clamp.
 Both sides get the same seed, inputs, autocast, the run's `pretrain.grad_checkpointing` and `compile`, the
-process-wide settings of `setup_torch` (deterministic algorithms) and the same timing: `--warmup` untimed steps, then
-`--steps` steps between device synchronisations. Each side's FLOPs are counted on one more step
+process-wide settings of `setup_torch` (`pretrain.deterministic`) and the same timing: `--warmup` untimed steps,
+then `--steps` steps between device synchronisations. Each side's FLOPs are counted on one more step
 (`dinorankclip.train.flops`), so its MFU uses its own work: injection, ranking heads and distillation make ours more
 FLOPs per sample than open_clip's.
 One process drives one device, so samples/s per device equals samples/s.
 
 Usage: python bench/step.py --run clip [--study demo] [--arch ARCH] [--batch 64] [--steps 10] [--warmup 3]
-       [--precision bf16|fp32] [--threads N] [--out FILE]
+       [--precision bf16|fp32] [--threads N] [--compile-backend inductor] [--out FILE]
 Prints one JSON object on stdout (progress goes to stderr) and writes it to --out if given.
 """
 
@@ -37,6 +37,7 @@ from dinorankclip.config import load_params, reads_captions, resolve, teacher_st
 from dinorankclip.io import write_json
 from dinorankclip.models.teacher import WEIGHTS_FILE, create_teacher
 from dinorankclip.train.flops import mfu, peak_flops, step_flops
+from dinorankclip.train.ledger import StepLedger
 from dinorankclip.train.objective import build_objective
 from dinorankclip.train.optim import make_optimizer, param_groups
 from dinorankclip.train.pretrain import build_student, setup_torch
@@ -87,27 +88,30 @@ def synthetic_inputs(cfg: dict, model: torch.nn.Module, batch: int, width: int, 
     return images.to(device), tokens.to(device), teacher, captions
 
 
-def our_step(cfg: dict, args, device: torch.device, precision: str) -> Callable[[], None]:
-    """One training step of the run on a fixed synthetic batch, built as `pretrain` builds it."""
+def our_step(cfg: dict, args, device: torch.device, precision: str, gather: bool = False) -> Callable[[], None]:
+    """One training step of the run on a fixed synthetic batch, built as `pretrain` builds it, down to the loop's
+    device-side record of the loss and the gradient norm. `gather`: the losses gather candidates across ranks."""
     opt = cfg["pretrain"]
     with tempfile.TemporaryDirectory() as tmp:
         dirs, width = stand_in_teacher(cfg, Path(tmp))
-        setup_torch(cfg["seed"], args.threads)  # seeds as pretraining does, after the stand-in's own init
+        # seeds and determinism as pretraining sets them, after the stand-in's own init
+        setup_torch(cfg["seed"], args.threads, opt["deterministic"])
         student, _, _, _ = build_student(cfg, dirs, device)
     if opt["grad_checkpointing"]:
         student.model.set_grad_checkpointing(True)
     objective = build_objective(cfg["loss"], student.model.text_projection.shape[1], cfg["seed"])
-    module = TrainStep(student, objective, cfg, gather=False).to(device).train()
+    module = TrainStep(student, objective, cfg, gather=gather).to(device).train()
     optimizer = make_optimizer(param_groups([("", module)], opt["weight_decay"]), opt)
     if opt["compile"]:
-        student.compile()
+        student.compile(backend=args.compile_backend)
     images, tokens, teacher, captions = synthetic_inputs(cfg, student.model, args.batch, width, device)
-    steps, total = itertools.count(), args.warmup + args.steps + 1
+    steps, total, ledger = itertools.count(), args.warmup + args.steps + 1, StepLedger(device)
 
     def run() -> None:
+        step = next(steps)
         with autocast(device, precision):
-            loss, _ = module(images, tokens, teacher, next(steps), total, captions)
-        update(module, loss, optimizer, student.model, opt["grad_clip"])
+            loss, _ = module(images, tokens, teacher, step, total, captions)
+        ledger.record(step, loss.detach(), update(module, loss, optimizer, student.model, opt["grad_clip"]))
 
     return run
 
@@ -121,7 +125,7 @@ def open_clip_step(cfg: dict, args, device: torch.device, precision: str) -> Cal
     if opt["grad_checkpointing"]:
         model.set_grad_checkpointing(True)
     if opt["compile"]:
-        model.compile()
+        model.compile(backend=args.compile_backend)
     loss_fn = open_clip.loss.ClipLoss()
     optimizer = torch.optim.AdamW(model.parameters(), lr=opt["lr"], betas=tuple(opt["betas"]), eps=opt["eps"],
                                   weight_decay=opt["weight_decay"], fused=True)
@@ -144,10 +148,14 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(name: str, run: Callable[[], None], args, device: torch.device) -> tuple[int, float]:
-    """(FLOPs of one step, steps/s over `args.steps` timed steps after `args.warmup` untimed ones)."""
-    log(f"{name}: counting FLOPs of one step")
-    flops = step_flops(run)
+def measure(name: str, run: Callable[[], None], args, device: torch.device,
+            count_flops: bool = True) -> tuple[int | None, float]:
+    """(FLOPs of one step or None if not `count_flops`, steps/s over `args.steps` timed steps after `args.warmup`
+    untimed ones)."""
+    flops = None
+    if count_flops:
+        log(f"{name}: counting FLOPs of one step")
+        flops = step_flops(run)
     log(f"{name}: {args.warmup} warm-up + {args.steps} timed steps")
     for _ in range(args.warmup):
         run()
@@ -169,6 +177,7 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--precision", choices=("bf16", "fp32"), help="default: the study's pretrain.precision")
     p.add_argument("--threads", type=int, help="CPU threads (default: the study's pretrain.threads)")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend when pretrain.compile is on")
     p.add_argument("--out", type=Path, help="also write the JSON here")
     args = p.parse_args()
 

@@ -160,7 +160,11 @@ def _batch_as_is(batch):
     return batch
 
 
-def pair_loader(dataset: Dataset, batches: GlobalBatches, workers: int) -> DataLoader:
-    """A loader over `batches` (this rank's slices of the global batches); samples are read a batch at a time."""
+def pair_loader(dataset: Dataset, batches: GlobalBatches, workers: int,
+                device: torch.device | None = None) -> DataLoader:
+    """A loader over `batches` (this rank's slices of the global batches); samples are read a batch at a time.
+
+    For a CUDA `device` the batches come in pinned memory, so their `non_blocking` copies to the GPU are
+    asynchronous and overlap the step instead of stalling the host."""
     return DataLoader(dataset, batch_sampler=batches, num_workers=workers, persistent_workers=workers > 0,
-                      collate_fn=_batch_as_is)
+                      collate_fn=_batch_as_is, pin_memory=device is not None and device.type == "cuda")

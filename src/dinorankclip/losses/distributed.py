@@ -92,6 +92,9 @@ def rank_rows(local: int) -> tuple[int, slice]:
     return local * world, slice(rank * local, (rank + 1) * local)
 
 
-def step_generator(seed: int, step: int, stream: int) -> torch.Generator:
-    """A CPU generator for the draws of one training step; `stream` keeps different draws independent."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 101 + stream)
+def step_generator(seed: int, step: int, stream: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator on `device` for the draws of one training step; `stream` keeps different draws independent.
+
+    Drawing on the device of the batch keeps the step free of host copies; the CPU's generator gives the draws of
+    earlier versions, a GPU's its own (the same on every rank and resume of one job)."""
+    return torch.Generator(device).manual_seed((seed * 1_000_003 + step) * 101 + stream)

@@ -6,8 +6,9 @@ Sᵀ by S, in-modal G_I ranked by G_T and G_T by G_I — for `rankclip_loss` and
 order 1 runs the RankCLIP code path itself and is equal to it bit for bit.
 
 Ties in a reference row (identical captions give identical embeddings, hence equal scores) are ordered by a column
-permutation drawn from a generator seeded by (tie_seed, step): the same on every rank and on every re-run of that
-step, so a resumed run is bit-exact. ``tie_seed=None`` orders tied columns by their index instead.
+permutation drawn from a generator seeded by (tie_seed, step) on the device of the features: the same on every rank
+and on every re-run of that step, so a resumed run is bit-exact, with no host copy per step. ``tie_seed=None``
+orders tied columns by their index instead.
 
 Component logging: every loss has a ``*_terms`` companion (`rankclip_terms`, `HighOrderRankLoss.terms`) returning
 a `LossTerms` whose ``total`` is what the plain call returns and whose detached ``parts`` are "clip",
@@ -44,32 +45,34 @@ Context = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 _RELEASED_EPS = 1e-10
 
 
-def tie_permutation(n: int, seed: int, step: int) -> torch.Tensor:
-    """The tie-breaking column permutation for lists of length n at (seed, step), on the CPU.
+def tie_permutation(n: int, seed: int, step: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The tie-breaking column permutation for lists of length n at (seed, step), drawn on `device`.
 
     Drawn from a private generator (never the global RNG) whose seed hashes (seed, step), so it is the same on
-    every rank and every resume, and neighbouring (seed, step) pairs do not alias.
+    every rank and every resume, and neighbouring (seed, step) pairs do not alias. The generator lives on `device`
+    — the CPU's gives the permutations of earlier versions; a GPU's draws there, so a training step copies nothing
+    from the host. A GPU draw depends on the device's generator, so it is the same on every rank and resume of one
+    job (same GPU model and torch), not equal to the CPU's.
     """
     digest = hashlib.blake2b(f"{seed}:{step}".encode(), digest_size=8).digest()
-    generator = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
-    return torch.randperm(n, generator=generator)
+    generator = torch.Generator(device).manual_seed(int.from_bytes(digest, "little") >> 1)
+    return torch.randperm(n, generator=generator, device=device)
 
 
-def _tie_break(n: int, tie_seed: int | None, step: int) -> torch.Tensor | None:
-    """`tie_permutation` unless tie-breaking by column index was asked for (tie_seed None)."""
-    return None if tie_seed is None else tie_permutation(n, tie_seed, step)
+def _tie_break(n: int, tie_seed: int | None, step: int, device: torch.device) -> torch.Tensor | None:
+    """`tie_permutation` on `device` unless tie-breaking by column index was asked for (tie_seed None)."""
+    return None if tie_seed is None else tie_permutation(n, tie_seed, step, device)
 
 
 def reference_order(ref: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
     """π [N, n]: each row's columns in descending order of ref, without gradient.
 
     A stable sort of the permuted columns orders equal values by their place in ``perm`` (by column index when
-    perm is None); mapping back through perm gives original column indices.
+    perm is None); mapping back through perm gives original column indices. perm lives on ref's device.
     """
     ref = ref.detach()
     if perm is None:
         return torch.sort(ref, dim=1, descending=True, stable=True).indices
-    perm = perm.to(ref.device)
     return perm[torch.sort(ref[:, perm], dim=1, descending=True, stable=True).indices]
 
 
@@ -194,7 +197,7 @@ def _rank_loss_terms(
     embeddings and the logit scale."""
     with full_precision(image.device):
         batch, scale = prepare(image, text, scale, gather)
-        perm = _tie_break(batch.num_candidates, tie_seed, step)
+        perm = _tie_break(batch.num_candidates, tie_seed, step, image.device)
         contexts = (None, None)
         if make_context is not None:
             contexts = (make_context(batch.all_image, scale), make_context(batch.all_text, scale))
@@ -218,7 +221,7 @@ def listmle(
     space; ``released_eps=True`` instead reproduces RankCLIP's released eps-in-the-log variant, for comparison.
     """
     with full_precision(pred.device):
-        order = reference_order(ref, _tie_break(pred.shape[1], tie_seed, step))
+        order = reference_order(ref, _tie_break(pred.shape[1], tie_seed, step, pred.device))
         return _plackett_luce_nll(pred.to(compute_dtype(pred)), order, released_eps=released_eps).mean()
 
 

@@ -18,5 +18,6 @@ def sample_captions(raw: torch.Tensor, synthetic: torch.Tensor, p_synthetic: flo
                     step: int) -> torch.Tensor:
     """Token ids [b, L]: each row the synthetic caption with probability `p_synthetic`, else the raw one."""
     batch, rows = rank_rows(raw.shape[0])
-    draw = torch.rand(batch, generator=step_generator(seed, step, CAPTION_STREAM))[rows]
-    return torch.where((draw < p_synthetic).to(raw.device)[:, None], synthetic, raw)
+    generator = step_generator(seed, step, CAPTION_STREAM, raw.device)
+    draw = torch.rand(batch, generator=generator, device=raw.device)[rows]
+    return torch.where((draw < p_synthetic)[:, None], synthetic, raw)

@@ -63,7 +63,8 @@ def wrap(module: nn.Module, world: World) -> nn.Module:
 
 
 def any_rank(flag: bool, world: World) -> bool:
-    """True on every rank if `flag` is true on any (so all ranks stop at the same step)."""
+    """True on every rank if `flag` is true on any (so all ranks stop at the same step). Under DDP this waits for the
+    device (a copy in, an all-reduce, a read back): the loop calls it at check points only."""
     if world.size == 1:
         return flag
     value = torch.tensor([float(flag)], device=world.device)
@@ -71,13 +72,17 @@ def any_rank(flag: bool, world: World) -> bool:
     return bool(value.item())
 
 
-def mean(value: torch.Tensor, world: World) -> float:
-    """The mean of a scalar over ranks (a rank's local loss → the global-batch loss), as a float."""
+def mean(value: torch.Tensor, world: World) -> torch.Tensor:
+    """The mean of a tensor over ranks (a rank's local loss → the global-batch loss), detached, on the device.
+
+    No host sync: NCCL queues the all-reduce on the device's stream, and the caller reads the value when it has to
+    (the loop: at its next check point)."""
+    value = value.detach()
     if world.size > 1:
-        value = value.detach().clone()
+        value = value.clone()
         dist.all_reduce(value)
         value /= world.size
-    return value.item()
+    return value
 
 
 def barrier(world: World) -> None:

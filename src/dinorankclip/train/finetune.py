@@ -162,7 +162,7 @@ def finetune(cfg: dict, dirs: dict[str, Path], out: Path, tracker: Tracker,
     """
     ft = cfg["finetune"]
     source = source or preflight(cfg, dirs)
-    device = setup_torch(cfg["seed"], ft["threads"])
+    device = setup_torch(cfg["seed"], ft["threads"], cfg["pretrain"]["deterministic"])  # the study's setting
     start_dir = dirs["start"] / "model"
     model, transform, _ = load_local_dir(start_dir, device)
     freeze_all_but_image_tower(model)

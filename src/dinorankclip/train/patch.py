@@ -43,14 +43,15 @@ def tap_grid(tower: nn.Module, tap: int, size: int) -> int:
     return grid
 
 
-def token_masks(local: int, tokens: int, ratio: tuple[float, float], seed: int, step: int) -> torch.Tensor:
-    """[local, tokens] bool: per image a ratio drawn from U(ratio) and that share of its tokens at random, drawn for
-    the whole global batch from (seed, step) so any world size masks the same tokens."""
+def token_masks(local: int, tokens: int, ratio: tuple[float, float], seed: int, step: int,
+                device: torch.device | str = "cpu") -> torch.Tensor:
+    """[local, tokens] bool on `device`: per image a ratio drawn from U(ratio) and that share of its tokens at
+    random, drawn for the whole global batch from (seed, step) so any world size masks the same tokens."""
     batch, rows = rank_rows(local)
-    generator = step_generator(seed, step, MASK_STREAM)
-    share = torch.empty(batch).uniform_(*ratio, generator=generator)
+    generator = step_generator(seed, step, MASK_STREAM, device)
+    share = torch.empty(batch, device=device).uniform_(*ratio, generator=generator)
     count = (share * tokens).round().long()
-    order = torch.rand(batch, tokens, generator=generator).argsort(dim=1)
+    order = torch.rand(batch, tokens, generator=generator, device=device).argsort(dim=1)
     masks = order < count[:, None]
     return masks[rows]
 
@@ -94,8 +95,8 @@ class PatchObjective(nn.Module):
         """(normalised image embeddings of the unmasked images, the patch loss)."""
         embedding, maps = forward_taps(tower, images, [self.tap])
         visible = self.as_tokens(maps[0])
-        masks = token_masks(visible.shape[0], visible.shape[1], tuple(self.cfg["mask_ratio"]), self.seed,
-                            step).to(images.device)
+        masks = token_masks(visible.shape[0], visible.shape[1], tuple(self.cfg["mask_ratio"]), self.seed, step,
+                            images.device)
         # the masked view is needed only up to the tap: its pass stops there
         student_tokens = self.as_tokens(tap_maps(tower, self.masked(images, masks), [self.tap])[0])
         with torch.no_grad():

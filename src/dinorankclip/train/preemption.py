@@ -1,9 +1,10 @@
-"""SLURM's warning signals: turn SIGTERM/SIGUSR1 into a checkpoint at the next step boundary and a clean exit.
+"""SLURM's warning signals: turn SIGTERM/SIGUSR1 into a checkpoint at the loop's next check point and a clean exit.
 
 SLURM sends SIGTERM (or the `--signal` of the job, often USR1) some time before it kills a preempted or
-timed-out job. The handler only raises a flag; the training loop finishes the step it is in, writes a checkpoint
-and raises `Preempted`, whose exit status makes Snakemake's retry (or SLURM's requeue) start the job again, and
-the restarted job resumes from that checkpoint.
+timed-out job. The handler only raises a flag; the training loop reads it at its next check point (a log step,
+checkpoint step or epoch end, at most `pretrain.log_every` steps away), writes a checkpoint and raises
+`Preempted`, whose exit status makes Snakemake's retry (or SLURM's requeue) start the job again, and the restarted
+job resumes from that checkpoint.
 """
 
 from __future__ import annotations

@@ -4,15 +4,22 @@ Everything that makes two runs differ comes from the resolved config; everything
 order, tie-breaking, masks — comes from the run's training seed (`seed`), while the held-out split comes from the
 study seed (`study_seed`), the same for every run and seed; so runs of one study are matched and a rerun is
 identical.
-A run survives preemption: SIGTERM/SIGUSR1 checkpoint it at the next step boundary, and the next start resumes
+A run survives preemption: SIGTERM/SIGUSR1 checkpoint it at the next check point, and the next start resumes
 from the newest checkpoint (`pretrain.resume: latest`) to the same weights an uninterrupted run reaches.
+
+The host waits for the device only at check points — log steps, checkpoint steps and epoch ends — so between them
+it queues steps ahead of the GPU. There the step losses, a non-finite flag (`dinorankclip.train.ledger`) and the
+signal flag are read; a non-finite step since the last check point rolls the run back to its last checkpoint once,
+and no checkpoint is ever written from non-finite weights.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import time
+from collections.abc import Iterator
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -27,6 +34,7 @@ from dinorankclip.io import fingerprint, read_json, write_json
 from dinorankclip.models.clip import create_clip, export_local_dir
 from dinorankclip.train import checkpoint, ddp
 from dinorankclip.train.flops import device_hours, mfu, peak_flops
+from dinorankclip.train.ledger import StepLedger
 from dinorankclip.train.objective import build_objective
 from dinorankclip.train.optim import make_optimizer, make_schedule, param_groups
 from dinorankclip.train.patch import PatchObjective
@@ -36,14 +44,21 @@ from dinorankclip.train.student import Student, distills
 
 log = logging.getLogger(__name__)
 # settings that change how a run is executed or observed, not what it computes: a checkpoint stays valid
-EXECUTION_KEYS = ("threads", "workers", "log_every", "checkpoint_every", "resume", "compile", "grad_checkpointing")
+EXECUTION_KEYS = ("threads", "workers", "log_every", "checkpoint_every", "resume", "compile", "grad_checkpointing",
+                  "deterministic")
 RUN_ID_FILE = "mlflow_run.json"
 
 
-def setup_torch(seed: int, threads: int) -> torch.device:
+def setup_torch(seed: int, threads: int, deterministic: bool) -> torch.device:
+    """Seed, threads and `pretrain.deterministic`: on, deterministic kernels make a resumed run bit-identical; off
+    (the paper's GPU default), cuDNN autotunes and no slow deterministic fallbacks (nor NaN-filled `torch.empty`)
+    are forced, and a resumed run is exact in data order and state but not bit for bit."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's deterministic mode; read at its start
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    torch.backends.cudnn.benchmark = not deterministic
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -107,7 +122,7 @@ def validate(step_module: TrainStep, dataset: ShardPairs, batches: GlobalBatches
     step_module.eval()
     sums: dict[str, torch.Tensor] = {}
     count = 0
-    for batch in pair_loader(dataset, batches, workers=0):
+    for batch in pair_loader(dataset, batches, workers=0, device=world.device):
         images, tokens, teacher, captions = batch_to(batch, world.device)
         with autocast(world.device, precision):
             loss, terms = step_module(images, tokens, teacher, step, total_steps, captions)
@@ -131,6 +146,7 @@ class Progress:
         self.best_val, self.best_epoch, self.flops_per_step, self.resumes = math.inf, -1, 0, 0
         self.val_objectives: list[float] = []
         self.strength: dict[str, float] = {}  # the last validation's strength statistics
+        self.rollbacks = 0  # to the last checkpoint after a non-finite step; a second non-finite step stops the run
 
     def state_dict(self) -> dict:
         return dict(vars(self))
@@ -146,7 +162,7 @@ def pretrain(cfg: dict, data_dir: Path, stage_dirs: dict[str, Path], out: Path |
     model into `out`."""
     opt = cfg["pretrain"]
     world = ddp.init_world()
-    setup_torch(cfg["seed"], opt["threads"])
+    setup_torch(cfg["seed"], opt["threads"], opt["deterministic"])
     student, transform, spec, features = build_student(cfg, stage_dirs, world.device)
     model = student.model
     if opt["grad_checkpointing"]:
@@ -163,7 +179,7 @@ def pretrain(cfg: dict, data_dir: Path, stage_dirs: dict[str, Path], out: Path |
     batches = GlobalBatches(train_idx, opt["batch_size"], cfg["seed"], world.rank, world.size)
     val_batches = (GlobalBatches(val_idx, min(opt["batch_size"], len(val_idx) // world.size * world.size),
                                  cfg["seed"], world.rank, world.size, shuffle=False) if val_idx else None)
-    loader = pair_loader(dataset, batches, opt["workers"])
+    loader = pair_loader(dataset, batches, opt["workers"], world.device)
     steps_per_epoch = batches.batches_per_epoch
     total_steps = min(opt["epochs"] * steps_per_epoch, opt["max_steps"] or math.inf)
     epochs = math.ceil(total_steps / steps_per_epoch)  # the last one partial under a step cap
@@ -196,10 +212,35 @@ def pretrain(cfg: dict, data_dir: Path, stage_dirs: dict[str, Path], out: Path |
 
     bar = tqdm(total=total_steps, initial=progress.step, desc=f"pretrain {cfg['run']}", unit="step",
                mininterval=5, disable=not world.main)
+    ledger = StepLedger(world.device)
+
+    def settle() -> bool:
+        """A check point's host sync: the losses since the last one go into `progress`. After a non-finite step the
+        run rolls back to the last checkpoint (False), once; a second one, or none to roll back to, stops it."""
+        losses, bad = ledger.settle()
+        progress.seconds = time.perf_counter() - job_start  # the device has caught up with the host
+        if bad is None:
+            progress.epoch_losses.extend(losses)
+            return True
+        where = f"the last good checkpoint is {state / checkpoint.LATEST} (step {saved_step})"
+        if progress.rollbacks or saved_step == "none yet":
+            raise NonFiniteLoss(f"{cfg['run']}: {bad}; {where}" + ("; rolled back once already" if progress.rollbacks
+                                                                    else ""))
+        if ddp.any_rank(bool(stop), world):
+            raise Preempted(f"{cfg['run']}: stopped by signal at step {progress.step}/{total_steps} after a {bad}, "
+                            f"so nothing was saved; {where}, and running the job again resumes it")
+        log.warning("%s: %s; rolling back to %s (step %s)", cfg["run"], bad, state / checkpoint.LATEST, saved_step)
+        resumes = progress.resumes  # this job's count, whatever the checkpoint says
+        restore(checkpoint.load(state / checkpoint.LATEST), step_module, optimizer, progress)
+        progress.resumes, progress.rollbacks = resumes, 1
+        bar.n = progress.step
+        return False
+
     job_start = time.perf_counter() - progress.seconds
     with stop_on_signals() as stop:
-        for epoch in range(len(progress.train_losses), epochs):  # an epoch is done when its end is
+        for epoch in epochs_left(progress, epochs):  # an epoch is done when its end is; again after a rollback
             batches.set_position(epoch, progress.step - epoch * steps_per_epoch)
+            window, rolled_back = Window(), False
             t_data = time.perf_counter()
             for batch in loader:
                 t_step = time.perf_counter()
@@ -209,44 +250,49 @@ def pretrain(cfg: dict, data_dir: Path, stage_dirs: dict[str, Path], out: Path |
                 with FlopCounterMode(display=False) if not progress.flops_per_step else nullcontext() as counter:
                     with autocast(world.device, opt["precision"]):
                         loss, terms = trained(images, tokens, teacher, step, total_steps, captions)
-                    try:
-                        grad_norm = update(step_module, loss, optimizer, model, opt["grad_clip"])
-                    except NonFiniteLoss as err:
-                        raise NonFiniteLoss(f"{cfg['run']}: {err} at step {step}; the last good checkpoint is "
-                                            f"{state / checkpoint.LATEST} (step {saved_step})") from None
+                    grad_norm = update(step_module, loss, optimizer, model, opt["grad_clip"])
                 if counter is not None:
                     progress.flops_per_step = counter.get_total_flops() * world.size
+                # the global-batch loss (what one process would have computed), kept on the device until a check point
+                ledger.record(step, ddp.mean(loss, world), grad_norm)
                 progress.step += 1
-                loss_value = ddp.mean(loss, world)  # the global-batch loss: what one process would have computed
-                progress.epoch_losses.append(loss_value)
-                t_end = time.perf_counter()
-                progress.seconds = t_end - job_start
-                step_seconds = t_end - t_data
-                if progress.step % opt["log_every"] == 0 or progress.step == total_steps:
-                    metrics = {"loss": loss_value, **{k: float(v) for k, v in terms.items()}, "lr": lr,
-                               "grad_norm": grad_norm.item(), "epoch": epoch,
-                               "samples_per_s": opt["batch_size"] / step_seconds,
-                               "samples_per_s_per_device": opt["batch_size"] / step_seconds / world.size,
-                               "data_wait_fraction": (t_step - t_data) / step_seconds,
-                               "mfu": mfu(progress.flops_per_step / world.size, 1 / step_seconds, peak)}
-                    tracker.log_metrics(metrics, progress.step)
-                    if world.main:
-                        log.info("step %d/%d epoch %d loss %.4f lr %.2e %.0f samples/s mfu %.2f%% eta %s",
-                                 progress.step, total_steps, epoch, metrics["loss"], lr, metrics["samples_per_s"],
-                                 100 * metrics["mfu"], _eta(bar))
-                bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", refresh=False)
+                window.add(t_step - t_data)
                 bar.update()
-                preempted = ddp.any_rank(bool(stop), world)
-                if preempted or (opt["checkpoint_every"] and progress.step % opt["checkpoint_every"] == 0):
-                    save(state / checkpoint.LATEST)
-                if preempted:
-                    raise Preempted(f"{cfg['run']}: stopped by signal at step {progress.step}/{total_steps}; "
-                                    f"checkpoint {state / checkpoint.LATEST}; running the job again resumes it")
-                if progress.step == total_steps:  # a step cap ends the run part-way through this epoch
-                    break
+                log_step = progress.step % opt["log_every"] == 0 or progress.step == total_steps
+                save_step = opt["checkpoint_every"] and progress.step % opt["checkpoint_every"] == 0
+                # check points, the only steps that wait for the device: finiteness, losses, signals, logs, saves
+                if log_step or save_step or progress.step % steps_per_epoch == 0:
+                    if not settle():
+                        rolled_back = True
+                        break  # the epochs restart at the checkpoint's position
+                    preempted = ddp.any_rank(bool(stop), world)
+                    loss_value = progress.epoch_losses[-1]
+                    if log_step:
+                        seconds = time.perf_counter() - window.start  # the window's steps, now finished on the device
+                        metrics = {"loss": loss_value, **{k: float(v) for k, v in terms.items()}, "lr": lr,
+                                   "grad_norm": grad_norm.item(), "epoch": epoch,
+                                   "samples_per_s": window.steps * opt["batch_size"] / seconds,
+                                   "samples_per_s_per_device": window.steps * opt["batch_size"] / seconds / world.size,
+                                   "data_wait_fraction": window.wait / seconds,
+                                   "mfu": mfu(progress.flops_per_step / world.size, window.steps / seconds, peak)}
+                        tracker.log_metrics(metrics, progress.step)
+                        if world.main:
+                            log.info("step %d/%d epoch %d loss %.4f lr %.2e %.0f samples/s mfu %.2f%% eta %s",
+                                     progress.step, total_steps, epoch, metrics["loss"], lr, metrics["samples_per_s"],
+                                     100 * metrics["mfu"], _eta(bar))
+                    bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", refresh=False)
+                    if preempted or save_step:
+                        save(state / checkpoint.LATEST)
+                    if preempted:
+                        raise Preempted(f"{cfg['run']}: stopped by signal at step {progress.step}/{total_steps}; "
+                                        f"checkpoint {state / checkpoint.LATEST}; running the job again resumes it")
+                    window = Window()
+                    if progress.step == total_steps:  # a step cap ends the run part-way through this epoch
+                        break
                 t_data = time.perf_counter()
-            end_epoch(progress, epoch, step_module, dataset, val_batches, world, total_steps, opt, tracker, state)
-            save(state / checkpoint.LATEST)
+            if not rolled_back:
+                end_epoch(progress, epoch, step_module, dataset, val_batches, world, total_steps, opt, tracker, state)
+                save(state / checkpoint.LATEST)
     bar.close()
     if not world.main:
         ddp.close(world)
@@ -255,6 +301,25 @@ def pretrain(cfg: dict, data_dir: Path, stage_dirs: dict[str, Path], out: Path |
     tracker.log_metrics({f"final/{k}": v for k, v in metrics.items() if isinstance(v, int | float)}, progress.step)
     ddp.close(world)
     return metrics
+
+
+def epochs_left(progress: Progress, epochs: int) -> Iterator[int]:
+    """The epoch the run is in, read afresh each time: the next one after an epoch end, the checkpoint's after a
+    rollback."""
+    while len(progress.train_losses) < epochs:
+        yield len(progress.train_losses)
+
+
+class Window:
+    """Steps and data-loader wait since the last check point. The host runs ahead of the device between check
+    points, so a step's own wall time means nothing; rates are taken over the steps between two host syncs."""
+
+    def __init__(self) -> None:
+        self.start, self.steps, self.wait = time.perf_counter(), 0, 0.0
+
+    def add(self, wait: float) -> None:
+        self.steps += 1
+        self.wait += wait
 
 
 def _eta(bar: tqdm) -> str:
@@ -271,12 +336,17 @@ def resume(state: Path, stamp: str, step_module: nn.Module, optimizer: torch.opt
     if saved["fingerprint"] != stamp:
         log.warning("%s was written for other settings or data; starting afresh", state / checkpoint.LATEST)
         return False
+    restore(saved, step_module, optimizer, progress)
+    progress.resumes += 1
+    return True
+
+
+def restore(saved: dict, step_module: nn.Module, optimizer: torch.optim.Optimizer, progress: Progress) -> None:
+    """Put a checkpoint's modules, optimizer, RNG states and progress back: on resume, and on a rollback."""
     step_module.load_state_dict(saved["modules"])
     optimizer.load_state_dict(saved["optimizer"])
     checkpoint.set_rng_state(saved["rng"])
     progress.load_state_dict(saved["progress"])
-    progress.resumes += 1
-    return True
 
 
 def end_epoch(progress: Progress, epoch: int, step_module: TrainStep, dataset: ShardPairs,
@@ -328,7 +398,8 @@ def export(cfg: dict, model: nn.Module, spec: dict | None, progress: Progress, s
                "train_seconds": progress.seconds, "device": str(device.type), "world_size": world.size,
                "device_hours": hours, "device_hours_unit": unit,
                "train_flops": progress.flops_per_step * progress.step, "flops_per_step": progress.flops_per_step,
-               "peak_flops_per_device": peak, "peak_flops_source": peak_source, "resumes": progress.resumes}
+               "peak_flops_per_device": peak, "peak_flops_source": peak_source, "resumes": progress.resumes,
+               "rollbacks": progress.rollbacks}
     write_json(out / "metrics.json", metrics)
     return metrics
 

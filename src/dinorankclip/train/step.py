@@ -22,7 +22,7 @@ MAX_LOGIT_SCALE = math.log(100.0)
 
 
 class NonFiniteLoss(FloatingPointError):
-    """The loss or the gradient went NaN/inf; the parameters were not updated with it."""
+    """The loss or the gradient went NaN/inf again after a rollback (or with no checkpoint to roll back to)."""
 
 
 class TrainStep(nn.Module):
@@ -84,14 +84,13 @@ def update(step_module: nn.Module, loss: torch.Tensor, optimizer: torch.optim.Op
            model: nn.Module, grad_clip: float | None) -> torch.Tensor:
     """Backward, optional clipping, AdamW step, and the logit-scale clamp of the CLIP recipe; returns the grad norm.
 
-    Raises `NonFiniteLoss` before the optimizer step when the loss or the gradient norm is not finite. Under DDP
-    the gradients are averaged before the check, so a NaN on any rank stops every rank at the same step.
+    Nothing here waits for the device: whether the loss and the gradient norm are finite is the caller's to record
+    on the device (`dinorankclip.train.ledger.StepLedger`) and read at its next check point. An update made with a
+    non-finite gradient has then already been applied, which is why the loop rolls back to a checkpoint.
     """
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(step_module.parameters(), grad_clip or float("inf"))
-    if not (torch.isfinite(grad_norm) and torch.isfinite(loss)):
-        raise NonFiniteLoss(f"non-finite loss {loss.item()} (gradient norm {grad_norm.item()})")
     optimizer.step()
     with torch.no_grad():
         model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
