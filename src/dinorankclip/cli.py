@@ -86,7 +86,7 @@ def cmd_captions(cfg: dict, args, tracker) -> None:
 
     study = cfg["study"]
     with atomic_dir(stage_dir(study, "captions")) as out:
-        stats = build_captions(cfg, stage_dir(study, "data"), out)
+        stats = build_captions(cfg, stage_dir(study, "data"), state_dir(study, "captions"), out)
         write_config(cfg, out)
     tracker.log_metrics({k: v for k, v in stats.items() if isinstance(v, int | float)}, step=0)
 
