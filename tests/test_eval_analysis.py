@@ -149,3 +149,28 @@ def test_feature_cache_is_keyed_by_the_checkpoint_bytes(tmp_path):
     fresh = cached_features(cache, model_dir, "wds/x:train", compute(4))
     assert calls == [1, 3, 4] and fresh[0][0, 0] == 4  # stale features are never read
     assert len(list(cache.glob("*.pt"))) == 3
+
+
+def test_loader_workers_beyond_a_splits_shards_are_capped_at_its_shard_count(tmp_path, caplog, single_thread):
+    """A suite exported as one shard, evaluated with 2 workers: webdataset would leave one worker without a shard
+    and fail the run; the loader runs one worker instead and scores what 0 workers score."""
+    import logging
+    import random
+
+    import open_clip
+
+    from dinorankclip.data.demo_suites import colour_suite
+    from dinorankclip.data.demo_world import write_eval_suite
+    from dinorankclip.eval.suites import evaluate_suite
+    from dinorankclip.models.clip import create_clip
+
+    write_eval_suite(colour_suite(random.Random(0), 24), tmp_path / "wds_demo-colour", 64)
+    torch.manual_seed(0)
+    model, transform, _ = create_clip("demo-rn-tiny")
+    model, tokenizer = model.eval(), open_clip.get_tokenizer("demo-rn-tiny")
+    suite = {"dataset": "wds/demo-colour", "task": "zeroshot_classification"}
+    ev = {"dataset_root": str(tmp_path / "wds_{dataset_cleaned}"), "batch_size": 8}
+    with caplog.at_level(logging.INFO, logger="dinorankclip.eval.suites"):
+        capped = evaluate_suite(model, transform, tokenizer, suite, ev | {"workers": 2}, "cpu")
+    assert "wds/demo-colour test has 1 shard(s); 1 loader workers instead of evaluate.workers 2" in caplog.text
+    assert capped == evaluate_suite(model, transform, tokenizer, suite, ev | {"workers": 0}, "cpu")
