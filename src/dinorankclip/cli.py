@@ -115,9 +115,14 @@ def finetune_dirs(cfg: dict) -> dict[str, Path]:
 
 
 def cmd_finetune(cfg: dict, args, tracker) -> None:
+    """Rank 0 writes the output directory; under torchrun the other ranks train alongside and write nothing."""
+    from dinorankclip.train.ddp import launched_rank
     from dinorankclip.train.finetune import finetune
 
     study = cfg["study"]
+    if launched_rank() != 0:
+        finetune(cfg, finetune_dirs(cfg), None, tracker, args.source)
+        return
     with atomic_dir(stage_dir(study, "finetune", cfg["run"])) as out:
         write_config(cfg, out)
         finetune(cfg, finetune_dirs(cfg), out, tracker, args.source)
