@@ -138,6 +138,24 @@ def test_a_killed_run_resumes_from_its_finished_shards(tmp_path, images, coca, m
             assert captioned == [2, 1, 2]
 
 
+def test_an_empty_caption_leaves_the_raw_one_and_counts_as_missing(tmp_path, images, coca, monkeypatch):
+    real, blanked = captioner.caption_images, []
+
+    def first_blank(model, tokenizer, batch, cfg):
+        texts = real(model, tokenizer, batch, cfg)
+        if not blanked:  # the first image of the stage decodes to nothing
+            blanked.append(texts[0])
+            texts[0] = ""
+        return texts
+
+    monkeypatch.setattr(captioner, "caption_images", first_blank)
+    out, stats = run_stage(tmp_path, settings(coca[1]))
+    rows = written(out)
+    assert rows[0] == ("000000000", "a caption of 000000000", "raw")
+    assert all(source == "synthetic" for _, _, source in rows[1:])
+    assert (stats["covered"], stats["missing"], stats["coverage"]) == (4, 1, 0.8)
+
+
 def test_missing_weights_are_one_error_naming_the_file_and_where_to_get_it(tmp_path, images):
     cfg = settings(tmp_path / "weights" / "coca.bin", model="coca_ViT-L-14")
     with pytest.raises(FileNotFoundError) as err:

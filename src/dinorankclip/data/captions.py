@@ -161,12 +161,13 @@ def generate_captions(cfg: dict, data_dir: Path, index: dict, staging: Path, out
     progress.close()
     seconds = time.perf_counter() - start
     covered = 0
-    for entry, name in zip(index["shardlist"], names, strict=True):
+    for entry, name in zip(index["shardlist"], names, strict=True):  # every shard checked before any leaves staging
         samples, synthetic = tally(staging / name)
         if samples != entry["nsamples"]:
             raise ValueError(f"{staging / name}: {samples} captions for the {entry['nsamples']} images of "
                              f"{entry['url']}; delete {staging} and rerun the captions stage")
         covered += synthetic
+    for name in names:
         os.replace(staging / name, out / "captions" / name)
     return {"model": coca["model"], "weights": str(coca["weights"]), "sha256": sha256(Path(coca["weights"])),
             **decoding, "device": device.type, "covered": covered,
