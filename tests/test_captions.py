@@ -24,7 +24,8 @@ def caption_file(path, header, rows):
 def join(tmp_path, data, file):
     out = tmp_path / "captions"
     out.mkdir()
-    return out, build_captions({"study": "demo", "captions": {"file": str(file)}}, data, out)
+    return out, build_captions({"study": "demo", "captions": {"source": "file", "file": str(file)}}, data,
+                               tmp_path / "staging", out)
 
 
 def second_captions(out):
@@ -41,7 +42,7 @@ def test_a_url_keyed_file_is_joined_and_its_coverage_counted(tmp_path, data):
     out, stats = join(tmp_path, data, caption_file(tmp_path / "syn.tsv", "url\tcaption", rows))
     assert stats == {"rows": 6, "malformed_rows": 2, "malformed_lines": [4, 7], "duplicate_keys": 1,
                      "join_column": "url", "images": 7, "covered": 2, "missing": 5, "coverage": 2 / 7,
-                     "unused_entries": 1}
+                     "unused_entries": 1, "source": "file"}
     joined = second_captions(out)
     assert [k for k, _, _ in joined] == [f"00000{i:04d}" for i in range(4)] + [f"00001{i:04d}" for i in range(3)]
     assert joined[1] == ("000000001", "one described again", "synthetic")

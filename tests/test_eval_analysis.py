@@ -1,5 +1,8 @@
 """The evaluate stage's own analyses: the modality gap against a direct numpy computation, the linear probe against
-scikit-learn and clip-benchmark's search, and the per-checkpoint feature cache."""
+scikit-learn and clip-benchmark's search, and the per-checkpoint feature cache; its loaders on splits with fewer
+shards than workers, and the README's clip-benchmark command against the stage's JSON."""
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -149,3 +152,75 @@ def test_feature_cache_is_keyed_by_the_checkpoint_bytes(tmp_path):
     fresh = cached_features(cache, model_dir, "wds/x:train", compute(4))
     assert calls == [1, 3, 4] and fresh[0][0, 0] == 4  # stale features are never read
     assert len(list(cache.glob("*.pt"))) == 3
+
+
+def test_loader_workers_beyond_a_splits_shards_are_capped_at_its_shard_count(tmp_path, caplog, single_thread):
+    """A suite exported as one shard, evaluated with 2 workers: webdataset would leave one worker without a shard
+    and fail the run; the loader runs one worker instead and scores what 0 workers score."""
+    import logging
+    import random
+
+    import open_clip
+
+    from dinorankclip.data.demo_suites import colour_suite
+    from dinorankclip.data.demo_world import write_eval_suite
+    from dinorankclip.eval.suites import evaluate_suite
+    from dinorankclip.models.clip import create_clip
+
+    write_eval_suite(colour_suite(random.Random(0), 24), tmp_path / "wds_demo-colour", 64)
+    torch.manual_seed(0)
+    model, transform, _ = create_clip("demo-rn-tiny")
+    model, tokenizer = model.eval(), open_clip.get_tokenizer("demo-rn-tiny")
+    suite = {"dataset": "wds/demo-colour", "task": "zeroshot_classification"}
+    ev = {"dataset_root": str(tmp_path / "wds_{dataset_cleaned}"), "batch_size": 8}
+    with caplog.at_level(logging.INFO, logger="dinorankclip.eval.suites"):
+        capped = evaluate_suite(model, transform, tokenizer, suite, ev | {"workers": 2}, "cpu")
+    assert "wds/demo-colour test has 1 shard(s); 1 loader workers instead of evaluate.workers 2" in caplog.text
+    assert capped == evaluate_suite(model, transform, tokenizer, suite, ev | {"workers": 0}, "cpu")
+
+
+def test_the_readme_clip_benchmark_example_writes_the_evaluate_stages_json(tmp_path, monkeypatch):
+    """The README's `model_type eval` command, run as written on an injected export and a retrieval suite at the
+    README's paths, with the evaluate stage's precision on CPU (--no_amp), ks and batch size: it writes into the
+    current directory exactly the JSON the evaluate stage writes (before, the default output named a directory
+    that did not exist, and the JSON recorded clip-benchmark's default architecture)."""
+    import json
+    import os
+    import random
+    import subprocess
+    import sys
+
+    from helpers import repo_params
+
+    from dinorankclip.config import resolve
+    from dinorankclip.data.demo_suites import retrieval_suite
+    from dinorankclip.data.demo_world import write_eval_suite
+    from dinorankclip.eval.suites import evaluate_run
+    from dinorankclip.models.clip import create_clip, export_local_dir
+    from dinorankclip.tracking import NullTracker
+
+    monkeypatch.chdir(tmp_path)
+    cfg = resolve(repo_params(), "demo", "drc-r3")
+    ev = cfg["evaluate"]
+    ev["suites"] = [suite for suite in ev["suites"] if suite["dataset"] == "wds/demo-retrieval"]
+    del ev["linear_probe"], ev["modality_gap"]
+    write_eval_suite(retrieval_suite(random.Random(0), 30), Path("results/demo/source/eval/wds_demo-retrieval"), 64)
+    model_dir = Path("results/demo/pretrain/drc-r3/model")
+    model_dir.mkdir(parents=True)
+    torch.manual_seed(0)
+    model, _, spec = create_clip(cfg["model"]["arch"], cfg["injection"], len(cfg["teacher"]["blocks"]))
+    export_local_dir(model.eval(), cfg["model"]["arch"], model_dir, spec)
+
+    command = ["-m", "dinorankclip.eval.model_type", "eval", "--model_type", "dinorankclip",
+               "--pretrained", str(model_dir), "--dataset", "wds/demo-retrieval",
+               "--dataset_root", "results/demo/source/eval/wds_demo-retrieval", "--task", "zeroshot_retrieval",
+               "--num_workers", "0", "--no_amp", "--recall_k", "1", "5", "10", "--batch_size", str(ev["batch_size"])]
+    done = subprocess.run([sys.executable, *command], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": str(ev["threads"])})
+    assert done.returncode == 0, done.stderr[-3000:]
+    cli = json.loads(Path("demo-retrieval_results_demo_pretrain_drc-r3_model_demo-rn-tiny_en_zeroshot_retrieval.json")
+                     .read_text())
+    evaluate_run(cfg, model_dir, Path("pipeline"), NullTracker())
+    assert cli == json.loads(Path("pipeline/demo-retrieval.json").read_text())
+    assert cli["model"] == "demo-rn-tiny" and set(cli["metrics"]) == {f"{side}_retrieval_recall@{k}" for k in (1, 5, 10)
+                                                                     for side in ("image", "text")}

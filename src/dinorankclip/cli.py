@@ -88,7 +88,7 @@ def cmd_captions(cfg: dict, args, tracker) -> None:
 
     study = cfg["study"]
     with atomic_dir(stage_dir(study, "captions")) as out:
-        stats = build_captions(cfg, stage_dir(study, "data"), out)
+        stats = build_captions(cfg, stage_dir(study, "data"), state_dir(study, "captions"), out)
         write_config(cfg, out)
     tracker.log_metrics({k: v for k, v in stats.items() if isinstance(v, int | float)}, step=0)
 
@@ -118,9 +118,14 @@ def finetune_dirs(cfg: dict) -> dict[str, Path]:
 
 
 def cmd_finetune(cfg: dict, args, tracker) -> None:
+    """Rank 0 writes the output directory; under torchrun the other ranks train alongside and write nothing."""
+    from dinorankclip.train.ddp import launched_rank
     from dinorankclip.train.finetune import finetune
 
     done = stage_dir(cfg["study"], "finetune", cfg["run"], cfg["seed"])
+    if launched_rank() != 0:
+        finetune(cfg, finetune_dirs(cfg), None, tracker, args.source)
+        return
     with atomic_dir(done) as out:
         write_config(cfg, out)
         finetune(cfg, finetune_dirs(cfg), out, tracker, args.source)

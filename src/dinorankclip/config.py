@@ -151,14 +151,22 @@ def _study_run_problems(params: Mapping[str, Any], study: str, block: Mapping[st
 
 
 def _caption_problems(cfg: Mapping[str, Any], study: str, run: str) -> list[str]:
-    """A run reading second captions needs the study's caption file; the patch objective needs a plain tower."""
+    """A run reading second captions needs the study's caption file or captioner weights; the patch objective
+    needs a plain tower."""
     problems = []
-    sampling = cfg["captions"]["sampling"]
+    captions = cfg["captions"]
+    sampling = captions["sampling"]
     if abs(sampling["raw"] + sampling["synthetic"] - 1) > 1e-9:
         problems.append(f"runs.{run}: captions.sampling {sampling} in study {study} must sum to 1")
-    if reads_captions(cfg) and not cfg["captions"]["file"]:
-        problems.append(f"studies.{study}.captions.file: run {run} reads second captions (ALIP or caption "
-                        "sampling), but the study names no caption file")
+    coca = captions["source"] == "coca"
+    key, value, what = ("coca.weights", captions["coca"]["weights"], "CoCa weights file") if coca else \
+        ("file", captions["file"], "caption file")
+    if reads_captions(cfg) and not value:
+        problems.append(f"studies.{study}.captions.{key}: run {run} reads second captions (ALIP or caption "
+                        f"sampling) from captions.source {captions['source']}, but the study names no {what}")
+    if reads_captions(cfg) and coca and captions["coca"]["min_length"] >= captions["coca"]["max_length"]:
+        problems.append(f"studies.{study}.captions.coca.min_length: {captions['coca']['min_length']} must be below "
+                        f"max_length {captions['coca']['max_length']}")
     if cfg["patch_loss"]["name"] != "none" and cfg["injection"]["variant"] != "none":
         problems.append(f"runs.{run}: patch_loss.name {cfg['patch_loss']['name']} needs injection.variant none "
                         f"(the patch objective reads a plain image tower), not {cfg['injection']['variant']}")

@@ -1,13 +1,19 @@
-"""The `captions` stage: a second caption per training image, joined to the shards by key.
+"""The `captions` stage: a second caption per training image, beside the image shards and keyed like them.
 
 ALIP trains on (image, raw alt-text, synthetic caption) and TIPSv2 samples captions of several granularities, so
-both need a second text per image. It comes from a caption file a user made with any captioner (for the demo,
-the world's complete scene description): a TSV whose header names the join column — `key<TAB>caption` (the
-shard sample key) or `url<TAB>caption` (the image URL, which img2dataset keeps in each sample's .json and which
-survives a re-download under other keys). The stage writes one caption shard per image shard, sample i beside
-image i with the same key (the layout of the teacher cache), so the loader reads them side by side. An image the
-file does not cover keeps its raw caption as its second text (marked `raw` in the shard); coverage, unused
-entries and malformed rows are counted in `coverage.json`.
+both need a second text per image. `captions.source` says where it comes from:
+
+- `file`: a caption file a user made with any captioner (for the demo, the world's complete scene description):
+  a TSV whose header names the join column — `key<TAB>caption` (the shard sample key) or `url<TAB>caption` (the
+  image URL, which img2dataset keeps in each sample's .json and which survives a re-download under other keys);
+- `coca`: written here by open_clip's CoCa from local weights (`dinorankclip.models.captioner`), batched, on the
+  GPU when there is one. Each finished shard is kept in a staging folder outside the declared output, so a
+  killed job resumes without captioning those images again (as the teacher cache does).
+
+Either way the stage writes one caption shard per image shard, sample i beside image i with the same key (the
+layout of the teacher cache), so the loader reads them side by side. An image without a second caption (not in
+the file, or an empty generated one) keeps its raw caption (marked `raw` in the shard); `coverage.json` counts
+covered and missing images, and for a file its unused entries and malformed rows.
 """
 
 from __future__ import annotations
@@ -15,13 +21,18 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tarfile
+import time
+from collections.abc import Iterable
 from pathlib import Path
 
+import torch
 import webdataset as wds
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from dinorankclip.data.loader import open_shards
-from dinorankclip.io import read_json, write_json
+from dinorankclip.data.loader import decode_image, open_shards
+from dinorankclip.io import fingerprint, prepare_staging, read_json, write_json
 
 log = logging.getLogger(__name__)
 JOIN_COLUMNS = ("key", "url")
@@ -61,41 +72,129 @@ def join_key(sample: dict, column: str) -> str:
     return json.loads(sample[".json"].getvalue())["url"]
 
 
-def build_captions(cfg: dict, data_dir: Path, out: Path) -> dict:
-    """Caption shards beside the image shards of `data_dir`, and the coverage counts, into `out`."""
+def write_caption_shard(dest: Path, rows: Iterable[tuple[str, str, str]]) -> None:
+    """One caption shard of (key, second caption, `synthetic` or `raw`) samples, written whole or not at all."""
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    with wds.TarWriter(str(tmp), mtime=0) as sink:
+        for key, text, source in rows:
+            sink.write({"__key__": key, "txt": text, "source.txt": source})
+    os.replace(tmp, dest)
+
+
+def join_file(cfg: dict, data_dir: Path, index: dict, out: Path) -> dict:
+    """Caption shards from the study's caption file into `out/captions`; the counts of the join."""
     column, captions, stats = read_caption_file(Path(cfg["captions"]["file"]))
-    index = read_json(data_dir / "shards.json")
     samples = open_shards(data_dir / "shards.json")
-    (out / "captions").mkdir()
     used, covered, position = set(), 0, 0
     progress = tqdm(total=len(samples), desc="captions: join", unit="img", mininterval=5)
     for entry in index["shardlist"]:
-        dest = out / "captions" / Path(entry["url"]).name
-        tmp = dest.with_name(f".{dest.name}.tmp")
-        with wds.TarWriter(str(tmp), mtime=0) as sink:
-            for i in range(position, position + entry["nsamples"]):
-                sample = samples[i]
-                key = join_key(sample, column)
-                found = key in captions
-                if found:
-                    used.add(key)
-                text = captions[key] if found else sample[".txt"].getvalue().decode("utf-8")
-                sink.write({"__key__": sample["__key__"], "txt": text, "source.txt": "synthetic" if found else "raw"})
-                covered += found
-        os.replace(tmp, dest)
+        rows = []
+        for i in range(position, position + entry["nsamples"]):
+            sample = samples[i]
+            key = join_key(sample, column)
+            if key in captions:
+                used.add(key)
+                rows.append((sample["__key__"], captions[key], "synthetic"))
+            else:
+                rows.append((sample["__key__"], sample[".txt"].getvalue().decode("utf-8"), "raw"))
+        write_caption_shard(out / "captions" / Path(entry["url"]).name, rows)
+        covered += sum(source == "synthetic" for _, _, source in rows)
         position += entry["nsamples"]
         progress.update(entry["nsamples"])
     progress.close()
+    stats.update(join_column=column, covered=covered, unused_entries=len(captions) - len(used))
+    log.info("captions: %d unused entries and %d malformed rows in %s", stats["unused_entries"],
+             stats["malformed_rows"], cfg["captions"]["file"])
+    return stats
+
+
+class ShardImages(Dataset):
+    """(key, raw caption, transformed image) of sample i of a wids shard index: what the captioner reads."""
+
+    def __init__(self, index: Path, transform):
+        self.samples, self.transform = open_shards(index), transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[str, str, torch.Tensor]:
+        sample = self.samples[i]
+        return sample["__key__"], sample[".txt"].getvalue().decode("utf-8"), decode_image(sample, self.transform)
+
+
+def tally(shard: Path) -> tuple[int, int]:
+    """(samples, synthetic captions) in a caption shard."""
+    with tarfile.open(shard) as tar:
+        sources = [tar.extractfile(m).read() for m in tar if m.isfile() and m.name.endswith(".source.txt")]
+    return len(sources), sources.count(b"synthetic")
+
+
+def generate_captions(cfg: dict, data_dir: Path, index: dict, staging: Path, out: Path) -> dict:
+    """Caption shards written by CoCa, shard by shard into `staging` (resumable), then moved to `out/captions`."""
+    from dinorankclip.models.captioner import caption_images, load_captioner
+    from dinorankclip.models.teacher import sha256
+
+    coca = cfg["captions"]["coca"]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.set_num_threads(coca["threads"])
+    model, transform, tokenizer = load_captioner(coca, device)
+    decoding = {key: coca[key] for key in ("model", "max_length", "min_length")}
+    prepare_staging(staging, fingerprint([data_dir / "shards.json", coca["weights"]], decoding))
+    images = ShardImages(data_dir / "shards.json", transform)
+    names = [Path(entry["url"]).name for entry in index["shardlist"]]
+    done = sum(e["nsamples"] for e, name in zip(index["shardlist"], names, strict=True) if (staging / name).exists())
+    progress = tqdm(total=len(images), initial=done, desc="captions: CoCa", unit="img", mininterval=5)
+    start, computed, position = time.perf_counter(), 0, 0
+    for entry, name in zip(index["shardlist"], names, strict=True):
+        span = range(position, position + entry["nsamples"])
+        position += entry["nsamples"]
+        if (staging / name).exists():
+            continue
+        rows = []
+        for keys, raw, batch in DataLoader(images, batch_size=coca["batch_size"], sampler=span,
+                                           num_workers=coca["workers"]):
+            texts = caption_images(model, tokenizer, batch.to(device), coca)
+            rows += [(k, t, "synthetic") if t else (k, r, "raw") for k, r, t in zip(keys, raw, texts, strict=True)]
+            progress.update(len(keys))
+        write_caption_shard(staging / name, rows)
+        computed += len(span)
+    progress.close()
+    seconds = time.perf_counter() - start
+    covered = 0
+    for entry, name in zip(index["shardlist"], names, strict=True):  # every shard checked before any leaves staging
+        samples, synthetic = tally(staging / name)
+        if samples != entry["nsamples"]:
+            raise ValueError(f"{staging / name}: {samples} captions for the {entry['nsamples']} images of "
+                             f"{entry['url']}; delete {staging} and rerun the captions stage")
+        covered += synthetic
+    for name in names:
+        os.replace(staging / name, out / "captions" / name)
+    return {"model": coca["model"], "weights": str(coca["weights"]), "sha256": sha256(Path(coca["weights"])),
+            **decoding, "device": device.type, "covered": covered,
+            "images_per_s": computed / seconds if computed else None}
+
+
+def build_captions(cfg: dict, data_dir: Path, staging: Path, out: Path) -> dict:
+    """Caption shards beside the image shards of `data_dir`, from `captions.source`, and the coverage counts,
+    into `out`; `staging` holds the captioner's finished shards until all are done."""
+    source = cfg["captions"]["source"]
+    index = read_json(data_dir / "shards.json")
+    (out / "captions").mkdir()
+    if source == "file":
+        stats = join_file(cfg, data_dir, index, out)
+    else:
+        stats = generate_captions(cfg, data_dir, index, staging, out)
     write_json(out / "captions.json", {"__kind__": "wids-shard-index-v1", "wids_version": 1,
                                        "name": f"{cfg['study']}-captions", "shardlist": [
                                            {"url": f"captions/{Path(e['url']).name}", "nsamples": e["nsamples"]}
                                            for e in index["shardlist"]]})
-    stats.update(join_column=column, images=position, covered=covered, missing=position - covered,
-                 coverage=covered / position if position else 0.0, unused_entries=len(captions) - len(used))
+    images = sum(entry["nsamples"] for entry in index["shardlist"])
+    stats.update(source=source, images=images, missing=images - stats["covered"],
+                 coverage=stats["covered"] / images if images else 0.0)
     if stats["missing"]:
-        log.warning("captions: %d of %d images have no entry in %s; they keep their raw caption", stats["missing"],
-                    position, cfg["captions"]["file"])
+        log.warning("captions: %d of %d images have no second caption from %s; they keep their raw caption",
+                    stats["missing"], images, cfg["captions"]["file"] if source == "file" else "the captioner")
     write_json(out / "coverage.json", stats)
-    log.info("captions: %d of %d images covered (%.1f%%), %d unused entries, %d malformed rows", covered, position,
-             100 * stats["coverage"], stats["unused_entries"], stats["malformed_rows"])
+    log.info("captions (%s): %d of %d images covered (%.1f%%)", source, stats["covered"], images,
+             100 * stats["coverage"])
     return stats

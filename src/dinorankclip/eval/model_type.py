@@ -5,6 +5,12 @@ build it. `register()` adds a `dinorankclip` type to clip-benchmark's registry (
 whose loader is `dinorankclip.models.clip.load_local_dir`; the model name is ignored, `pretrained` is the
 exported directory. From a shell, `python -m dinorankclip.eval.model_type eval --model_type dinorankclip
 --pretrained results/<study>/pretrain/<run>/model ...` takes every option of `clip_benchmark eval`.
+
+Two of the CLI's defaults do not fit an export, so for this type the entry point replaces them unless given:
+`--output`, whose default puts `pretrained` into the file name — an export's path, slashes and all, so the write
+fails on a directory that does not exist — becomes `{dataset}_<the path, '/' as '_'>_{model}_{language}_{task}.json`
+in the current directory; and `--model`, clip-benchmark's `ViT-B-32-quickgelu`, becomes the export's architecture,
+which the JSON then records as the evaluate stage does.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from pathlib import Path
 
 from clip_benchmark import models as registry
 
-from dinorankclip.models.clip import load_local_dir
+from dinorankclip.models.clip import CONFIG_FILE, arch_of, load_local_dir
 
 MODEL_TYPE = "dinorankclip"
 
@@ -31,12 +37,33 @@ def register() -> None:
         registry.MODEL_TYPES.append(MODEL_TYPE)  # the list object clip_benchmark.cli's --model_type choices hold
 
 
+def export_output(pretrained: str) -> str:
+    """The output template for an export at `pretrained`: its path as one file-name part (braces kept literal)."""
+    slug = Path(pretrained).as_posix().strip("/").replace("/", "_").replace("{", "{{").replace("}", "}}")
+    return f"{{dataset}}_{slug}_{{model}}_{{language}}_{{task}}.json"
+
+
+def given(option: str, argv: list[str]) -> bool:
+    return any(arg == option or arg.startswith(f"{option}=") for arg in argv)
+
+
 def main() -> int:
     register()
-    from clip_benchmark.cli import main as clip_benchmark_main
+    from clip_benchmark import cli
 
+    argv, stock_run = sys.argv[1:], cli.run
+
+    def run(args):  # one (model, pretrained, dataset, language) of the CLI's product
+        if args.model_type == MODEL_TYPE:
+            if not given("--output", argv):
+                args.output = export_output(args.pretrained)
+            if not given("--model", argv) and (Path(args.pretrained) / CONFIG_FILE).is_file():
+                args.model = arch_of(Path(args.pretrained))
+        return stock_run(args)
+
+    cli.run = run  # main_eval calls the module's `run` for each evaluation
     sys.argv[0] = "clip_benchmark"
-    return clip_benchmark_main() or 0
+    return cli.main() or 0
 
 
 if __name__ == "__main__":

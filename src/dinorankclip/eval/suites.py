@@ -34,11 +34,28 @@ def dataset_root(template: str, dataset: str) -> str:
     return template.format(dataset=name, dataset_cleaned=name.replace("/", "-"))
 
 
-def _loader(dataset, batch_size: int, workers: int) -> DataLoader:
+def loader_workers(ev: dict, dataset: str, split: str) -> int:
+    """`evaluate.workers`, capped at the shard count of a local webdataset split (its nshards.txt): webdataset
+    hands each worker whole shards, and a worker left without one fails the run ('No samples found in dataset')."""
+    workers, root = ev["workers"], dataset_root(ev["dataset_root"], dataset)
+    nshards = Path(root) / split / "nshards.txt"
+    if not dataset.startswith("wds/") or "://" in root or not nshards.is_file():
+        return workers
+    shards = int(nshards.read_text().strip())
+    if workers > shards:
+        log.info("evaluate: %s %s has %d shard(s); %d loader workers instead of evaluate.workers %d", dataset,
+                 split, shards, shards, workers)
+        return shards
+    return workers
+
+
+def _loader(data, ev: dict, dataset: str, split: str = "test") -> DataLoader:
+    """The batches of split `split` of `dataset` (built as `data`), with at most one loader worker per shard."""
+    batch_size, workers = ev["batch_size"], loader_workers(ev, dataset, split)
     # webdatasets batch themselves (as clip-benchmark's CLI does); map-style datasets go through the DataLoader
-    if hasattr(dataset, "batched"):
-        return DataLoader(dataset.batched(batch_size), batch_size=None, shuffle=False, num_workers=workers)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
+    if hasattr(data, "batched"):
+        return DataLoader(data.batched(batch_size), batch_size=None, shuffle=False, num_workers=workers)
+    return DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=workers)
 
 
 def build(dataset: str, task: str, ev: dict, transform, split: str = "test"):
@@ -71,7 +88,7 @@ def evaluate_suite(model, transform, tokenizer, suite: dict, ev: dict, device: s
     """(the suite's result in clip-benchmark's schema, its per-item record: the test size n and, for
     classification, each item's top-1 correctness as a string of 0/1 in the dataset's order)."""
     dataset = build(suite["dataset"], suite["task"], ev, transform)
-    loader = _loader(dataset, ev["batch_size"], ev["workers"])
+    loader = _loader(dataset, ev, suite["dataset"])
     amp = device == "cuda"
     result = {"dataset": suite["dataset"], "task": suite["task"], "language": "en"}
     if suite["task"] == "zeroshot_classification":
@@ -94,7 +111,7 @@ def evaluate_probe(model, transform, dataset: str, ev: dict, device: str, seed: 
     splits = {}
     for split in (probe["train_split"], "test"):
         data = build(dataset, "linear_probe", ev, transform, split)
-        loader = _loader(data, ev["batch_size"], ev["workers"])
+        loader = _loader(data, ev, dataset, split)
         splits[split] = cached_features(cache_dir, model_dir, f"{dataset}:{split}:normalized",
                                         lambda loader=loader: featurize(model, loader, device))
     metrics = linear_probe(*splits[probe["train_split"]], *splits["test"], probe, seed, device)
@@ -119,7 +136,7 @@ def evaluate_gap(model, transform, tokenizer, cfg: dict, device: str, teacher_we
             images = torch.nn.functional.interpolate(images, size=size, mode="bicubic", antialias=True)
         return online.cls(images)
 
-    loader = _loader(data, ev["batch_size"], ev["workers"])
+    loader = _loader(data, ev, gap["dataset"])
     embeddings = paired_embeddings(model, teacher_cls, loader, tokenizer, device, gap["pairs"])
     analysis = gap_analysis(embeddings["text"], embeddings["z"], embeddings["teacher_cls"], embeddings.get("z_g"),
                             gap["fit_fraction"])

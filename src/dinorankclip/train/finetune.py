@@ -16,9 +16,13 @@ Choices, and why:
   measures the kernel loss before and after training (`kernel_loss_first`/`_last` in metrics.json), a number that
   does not depend on which batch happened to come last.
 - The kernel math is fp32 whatever the autocast (kuea_terms); the tower forward uses bf16 autocast on GPU.
-- Under DDP the kernel spans the global batch: z (with gradient), z0 and the teacher CLS are gathered from every
-  rank before the loss (`all_gather_with_grad`; identity in one process). Every rank then computes the same global
-  loss, and DDP's gradient mean gives exactly the global-batch gradient (see `dinorankclip.losses.distributed`).
+- Under torchrun, as in pretraining, each rank takes its slice of every global batch (`GlobalBatches`) and the
+  trained modules (tower and kernel) are wrapped in DDP, which starts every rank from rank 0's values. The kernel
+  spans the global batch: z (with gradient), z0 and the teacher CLS are gathered from every rank before the loss
+  (`all_gather_with_grad`; identity in one process). Every rank then computes the same global loss, and DDP's
+  gradient mean gives exactly the global-batch gradient (see `dinorankclip.losses.distributed`), so W ranks
+  train what one process trains on the whole batch. Every rank fits the kernel on the same sample; only rank 0
+  measures the end, exports and writes.
 - AdamW with the CLIP recipe's groups (`train.optim.param_groups`: no decay on biases, norms and the kernel's
   log γ, log c) and open_clip's warmup + cosine schedule, set before each step (the KUEA code's first step runs
   at the full rate before its warmup; this one does not).
@@ -48,6 +52,7 @@ from dinorankclip.losses.distributed import all_gather_with_grad
 from dinorankclip.losses.kernel import KueaTerms, StudentKernel, fit_kernel_ratio, kuea_terms
 from dinorankclip.models.clip import CONFIG_FILE, arch_of, export_local_dir, injection_of, load_local_dir
 from dinorankclip.tracking import Tracker
+from dinorankclip.train import ddp
 from dinorankclip.train.flops import device_hours
 from dinorankclip.train.optim import make_optimizer, make_schedule, param_groups
 from dinorankclip.train.pretrain import setup_torch
@@ -95,6 +100,18 @@ def align_terms(visual: nn.Module, anchor: nn.Module, kernel: StudentKernel, ima
             z0 = anchor(images)
     gathered = [all_gather_with_grad(t) for t in (z, z0, teacher_cls)]
     return kuea_terms(*gathered, kernel.gamma, kernel.c, w_reg=finetune["w_reg"], w_kernel=finetune["w_kernel"])
+
+
+class Alignment(nn.Module):
+    """The trained modules (tower, kernel) and the anchor as one module, so that DDP wraps what trains and
+    all-reduces its gradients in the backward of `align_terms`."""
+
+    def __init__(self, visual: nn.Module, anchor: nn.Module, kernel: StudentKernel, finetune: dict) -> None:
+        super().__init__()
+        self.visual, self.anchor, self.kernel, self.finetune = visual, anchor, kernel, finetune
+
+    def forward(self, images: torch.Tensor, teacher_cls: torch.Tensor) -> KueaTerms:
+        return align_terms(self.visual, self.anchor, self.kernel, images, teacher_cls, self.finetune)
 
 
 def teacher_cls_reader(source: ImageSource, cfg: dict, dirs: dict[str, Path], visual: nn.Module,
@@ -153,16 +170,19 @@ def check_frozen(model: nn.Module, before: dict[str, torch.Tensor]) -> None:
         raise RuntimeError(f"KUEA fine-tuning changed frozen parameters outside the image tower: {moved[:5]}")
 
 
-def finetune(cfg: dict, dirs: dict[str, Path], out: Path, tracker: Tracker,
-             source: ImageSource | None = None) -> dict:
-    """Fine-tune the image tower of run `cfg['finetune']['start_run']` (in `dirs['start']`); export into `out`.
+def finetune(cfg: dict, dirs: dict[str, Path], out: Path | None, tracker: Tracker,
+             source: ImageSource | None = None) -> dict | None:
+    """Fine-tune the image tower of run `cfg['finetune']['start_run']` (in `dirs['start']`); rank 0 exports into
+    `out` and returns the metrics (the other ranks of a torchrun launch train alongside and return None).
 
     `source` is `preflight`'s result when the caller already checked the inputs; otherwise they are checked here,
     before any model is built.
     """
     ft = cfg["finetune"]
     source = source or preflight(cfg, dirs)
-    device = setup_torch(cfg["seed"], ft["threads"], cfg["pretrain"]["deterministic"])  # the study's setting
+    world = ddp.init_world()
+    setup_torch(cfg["seed"], ft["threads"], cfg["pretrain"]["deterministic"])  # the study's setting
+    device = world.device
     start_dir = dirs["start"] / "model"
     model, transform, _ = load_local_dir(start_dir, device)
     freeze_all_but_image_tower(model)
@@ -182,28 +202,31 @@ def finetune(cfg: dict, dirs: dict[str, Path], out: Path, tracker: Tracker,
     log.info("%s: kernel fitted on %d images: gamma/c = %.4g, kernel loss %.4f", cfg["run"], len(sample), gamma / c,
              first.kernel.item())
 
-    order = GlobalBatches(list(range(len(dataset))), ft["batch_size"], cfg["seed"], key="finetune.batch_size")
+    order = GlobalBatches(list(range(len(dataset))), ft["batch_size"], cfg["seed"], world.rank, world.size,
+                          key="finetune.batch_size")
     loader = pair_loader(dataset, order, ft["workers"])
     optimizer = make_optimizer(param_groups([("visual", visual), ("kernel", kernel)], ft["weight_decay"]), ft)
     set_lr = make_schedule(optimizer, ft, ft["steps"])
-    log.info("%s: KUEA from %s, %d %s images, %d steps of %d, device %s", cfg["run"], ft["start_run"], len(dataset),
-             source.kind, ft["steps"], ft["batch_size"], device)
+    trained = ddp.wrap(Alignment(visual, anchor, kernel, ft), world)
+    log.info("%s: KUEA from %s, %d %s images, %d steps of %d, %d rank(s) on %s", cfg["run"], ft["start_run"],
+             len(dataset), source.kind, ft["steps"], ft["batch_size"], world.size, device)
 
     step_losses: list[float] = []
     start, t_data = time.perf_counter(), time.perf_counter()
     stream = batches(loader)
-    progress = tqdm(total=ft["steps"], desc=f"finetune {cfg['run']}", unit="step", mininterval=5)
+    progress = tqdm(total=ft["steps"], desc=f"finetune {cfg['run']}", unit="step", mininterval=5,
+                    disable=not world.main)
     for step in range(ft["steps"]):
         epoch, batch = next(stream)
         t_step = time.perf_counter()
         lr = set_lr(step)
         images = batch.images.to(device, non_blocking=True)
         with FlopCounterMode(display=False) if step == 0 else nullcontext() as counter:
-            terms = align_terms(visual, anchor, kernel, images, teacher_cls(batch, images), ft)
+            terms = trained(images, teacher_cls(batch, images))
             optimizer.zero_grad(set_to_none=True)
             terms.total.backward()
-        if counter is not None:  # forward and backward of one step, the anchor's forward included
-            flops_per_step = counter.get_total_flops()
+        if counter is not None:  # forward and backward of one step on every rank, the anchor's forward included
+            flops_per_step = counter.get_total_flops() * world.size
         grad_norm = torch.nn.utils.clip_grad_norm_(visual.parameters(), float("inf"))
         optimizer.step()
         step_losses.append(terms.total.item())
@@ -220,6 +243,9 @@ def finetune(cfg: dict, dirs: dict[str, Path], out: Path, tracker: Tracker,
     progress.close()
     seconds = time.perf_counter() - start
     check_frozen(model, before)
+    if not world.main:
+        ddp.close(world)
+        return None
 
     z_end, _ = embed(visual, dataset, sample, ft["batch_size"], teacher_cls, device)
     last = kuea_terms(z_end, z_fit, zt_fit, kernel.gamma.detach(), kernel.c.detach(), w_reg=ft["w_reg"],
@@ -227,7 +253,7 @@ def finetune(cfg: dict, dirs: dict[str, Path], out: Path, tracker: Tracker,
     model.cpu()
     (out / "model").mkdir()
     export_local_dir(model, arch_of(start_dir), out / "model", injection_of(start_dir))
-    hours, unit = device_hours(seconds, device, ft["threads"])
+    hours, unit = device_hours(seconds, device, ft["threads"], world.size)
     metrics = {"start_run": ft["start_run"], "data": source.kind, "images": len(dataset), "steps": ft["steps"],
                "batch_size": ft["batch_size"], "samples_seen": ft["steps"] * ft["batch_size"],
                "fit_samples": len(sample), "kernel_gamma_start": gamma, "kernel_c_start": c,
@@ -237,8 +263,9 @@ def finetune(cfg: dict, dirs: dict[str, Path], out: Path, tracker: Tracker,
                "train_loss_first": step_losses[0], "train_loss_last": step_losses[-1],
                "frozen_unchanged": True, "flops_per_step": flops_per_step, "train_flops": flops_per_step * ft["steps"],
                "fit_seconds": fit_seconds, "train_seconds": seconds, "device": str(device),
-               "device_hours": hours, "device_hours_unit": unit}
+               "world_size": world.size, "device_hours": hours, "device_hours_unit": unit}
     write_json(out / "metrics.json", metrics)
     tracker.log_metrics({f"final/{k}": v for k, v in metrics.items()
                          if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)}, ft["steps"])
+    ddp.close(world)
     return metrics
