@@ -171,7 +171,8 @@ def test_a_finetuned_run_resolves_to_its_start_under_its_own_name(params):
 
 def test_a_study_runs_its_own_list_fine_tuned_runs_and_seeds(params):
     demo = params["studies"]["demo"]
-    assert run_names(params, "demo") == list(params["runs"]) and run_seeds(params, "demo", "clip") == [0]
+    assert run_names(params, "demo") == list(params["runs"]) and run_seeds(params, "demo", "cyclip") == [0]
+    assert run_seeds(params, "demo", "drc-r3") == [0, 1, 2]  # the demo's primary comparisons: 3 seeds
     demo.update(runs=["clip", "drc-r3"], finetune_runs={"drc-r3-kuea": "drc-r3"},
                 seeds={"default": [3], "drc-r3": [0, 1, 2]})
     validate_params(params)

@@ -227,7 +227,8 @@ def test_cli_stops_on_a_bad_folder_before_mlflow_or_a_model(tmp_path, monkeypatc
     assert cli.main(["--params", "params.yaml", "finetune", "--run", "clip-kuea"]) == 2
     assert f"error: finetune.data.path: {tmp_path / 'nowhere'} does not exist" in capsys.readouterr().err
     assert cli.main(["--params", "params.yaml", "finetune", "--run", "clip"]) == 2
-    assert "finetune --run clip: not in finetune_runs (known: clip-kuea, drc-r3-kuea)" in capsys.readouterr().err
+    assert "finetune --run clip: not in finetune_runs of study demo (known: clip-kuea, drc-r3-kuea)" in \
+        capsys.readouterr().err
     assert not (tmp_path / "results").exists()
 
 

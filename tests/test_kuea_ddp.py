@@ -45,7 +45,7 @@ def study(tmp_path_factory):
     features.build_feature_cache(cfg, results / "data", results / "teacher_weights", root / "staging",
                                  results / "teacher")
     torch.manual_seed(3)
-    start = results / "pretrain" / cfg["finetune"]["start_run"] / "model"
+    start = root / stage_dir(STUDY, "pretrain", cfg["finetune"]["start_run"], cfg["seed"]) / "model"
     start.mkdir(parents=True)
     export_local_dir(create_clip(cfg["model"]["arch"])[0].eval(), cfg["model"]["arch"], start)
     (root / "cfg.json").write_text(json.dumps(cfg))
@@ -59,9 +59,9 @@ def finetune(root: Path, world: int) -> Path:
     done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
-    written = root / stage_dir(STUDY, "finetune")
-    assert [p.name for p in written.iterdir()] == [RUN]  # one output, no other rank's temporary directory
-    return shutil.move(root / stage_dir(STUDY, "finetune", RUN), root / f"world{world}")
+    written = root / stage_dir(STUDY, "finetune", RUN)
+    assert [p.name for p in written.iterdir()] == ["seed0"]  # one output, no other rank's temporary directory
+    return shutil.move(root / stage_dir(STUDY, "finetune", RUN, 0), root / f"world{world}")
 
 
 def test_two_ranks_train_the_weights_one_process_trains(study):
