@@ -284,3 +284,29 @@ def test_classical_mds_reproduces_the_distances_of_three_points():
     dist = np.linalg.norm(points[:, None] - points[None], axis=-1)
     xy = classical_mds(dist)
     assert np.allclose(np.linalg.norm(xy[:, None] - xy[None], axis=-1), dist)
+
+
+def test_reference_record_compares_a_study_cell_by_cell(study, tmp_path):
+    from dinorankclip.report.reference import Z95, compare, read_record, write_record
+
+    spec = ReportSpec(**SPEC)
+    record = write_record(spec, study, tmp_path / "demo.json")
+    assert read_record(tmp_path / "demo.json") == record and record["machine"]["cores"] >= 1
+    assert record["metrics"]["demo-colour top-1"]["rankclip"] == {"0": 0.75, "1": 0.828125, "2": 0.765625}
+    same = compare(record, spec, study)
+    assert len(same) == 4 * 4 and not same["outside"].any()  # 4 runs × 4 headline metrics
+    # another machine: rankclip's colour mean leaves its 3-seed interval, cyclip's ood stays inside its binomial one
+    for seed, value in zip(SEEDS["rankclip"], (0.5, 0.5, 0.5), strict=True):
+        path = study / "evaluate" / "rankclip" / f"seed{seed}" / "demo-colour.json"
+        result = json.loads(path.read_text())
+        result["metrics"]["acc1"] = value
+        path.write_text(json.dumps(result))
+    path = study / "evaluate" / "cyclip" / "seed0" / "demo-ood.json"
+    result = json.loads(path.read_text())
+    result["metrics"]["acc1"] += 0.9 * Z95 * math.sqrt(0.28125 * 0.71875 / N_OOD)
+    path.write_text(json.dumps(result))
+    moved = compare(record, spec, study).set_index(["run", "metric"])
+    assert moved["outside"].sum() == 1 and moved.loc[("rankclip", "demo-colour top-1"), "outside"]
+    assert moved.loc[("cyclip", "demo-ood top-1"), "±95%"] == pytest.approx(Z95 * math.sqrt(0.28125 * 0.71875 / 32))
+    with pytest.raises(FileNotFoundError, match="reference write"):
+        read_record(tmp_path / "none.json")

@@ -233,9 +233,36 @@ def parser() -> argparse.ArgumentParser:
             s.add_argument("--seed", type=int, help="training seed of the run (studies.<study>.seeds; default: the "
                                                     "run's first)")
     sub.add_parser("check", help="validate the parameters and print the runs and suites")
+    ref = sub.add_parser("reference", help="write the study's results as the reference record, or compare them with "
+                                            "it (which cells fall outside the reference's 95%% intervals)")
+    ref.add_argument("action", choices=["write", "compare"])
+    ref.add_argument("--file", type=Path, help="the record (default: docs/reference/<study>.json)")
+    ref.add_argument("--json", type=Path, help="compare: also write the comparison as JSON here")
     dvc = sub.add_parser("dvc-yaml", help="write dvc.yaml for the study in the parameters (the DVC view of the DAG)")
     dvc.add_argument("--check", action="store_true", help="only check that dvc.yaml is current (exit 2 if not)")
     return p
+
+
+def cmd_reference(params: dict, cfg: dict, args) -> int:
+    """Write the reference record from the study's results, or compare the results with it (exit 0 either way:
+    cells outside an interval are information, printed and counted, not a failure)."""
+    from dinorankclip.report.reference import compare, read_record, write_record
+
+    spec, study = report_spec(params, cfg), cfg["study"]
+    path = args.file or Path("docs") / "reference" / f"{study}.json"
+    if args.action == "write":
+        write_record(spec, study_dir(study), path)
+        print(f"wrote {path}")
+        return 0
+    record = read_record(path)
+    table = compare(record, spec, study_dir(study))
+    if args.json:
+        write_json(args.json, table.to_dict(orient="records"))
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    print(f"{int(table['outside'].sum())} of {len(table)} cells outside the reference's 95% intervals ({path}: "
+          f"{record['machine']['cpu']}, {record['machine']['cores']} cores, commit {record['commit'][:8]}, "
+          f"{record['date']})")
+    return 0
 
 
 def cmd_dvc_yaml(params: dict, args) -> None:
@@ -290,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
               f"fine-tuned {', '.join(f'{k} (from {v})' for k, v in finetune_runs(params).items()) or 'none'}; "
               f"{len(jobs)} (run, seed) trainings; suites {', '.join(suite_names(params, cfg['study']))}")
         return 0
+    if args.command == "reference":
+        return cmd_reference(params, cfg, args)
     if args.command in PREFLIGHT:
         from dinorankclip.data.images import DataPathError
 
