@@ -5,6 +5,7 @@ download, training, evaluation) to check that their evaluation JSONs are byte-id
 """
 
 import json
+import math
 import os
 import shutil
 import sqlite3
@@ -45,8 +46,21 @@ def demo(tmp_path_factory):
     return clone, result.stdout
 
 
-def evaluations(clone, run="clip") -> dict[str, dict]:
-    return {p.stem: json.loads(p.read_text()) for p in sorted((clone / "results/demo/evaluate" / run).glob("*.json"))}
+def evaluations(clone, run="clip", seed=0) -> dict[str, dict]:
+    folder = clone / "results/demo/evaluate" / run / f"seed{seed}"
+    return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
+
+
+def seeds(run: str) -> list[int]:
+    from dinorankclip.config import run_seeds
+
+    return run_seeds(repo_params(), "demo", run)
+
+
+def seed_mean(clone, run: str, bench: str, key: str) -> float:
+    """The mean over a run's seeds of one metric, as the report computes it (math.fsum / n)."""
+    values = [evaluations(clone, run, seed)[bench]["metrics"][key] for seed in seeds(run)]
+    return math.fsum(values) / len(values)
 
 
 def test_make_demo_prints_the_table_and_where_the_results_are(demo):
@@ -63,20 +77,24 @@ def test_clip_beats_twice_chance_on_colour_and_shape(demo):
         assert results[bench]["metrics"]["acc1"] >= 2 * chance, (bench, results[bench]["metrics"])
 
 
-def test_table_numbers_equal_the_evaluation_jsons(demo):
+def test_table_numbers_are_the_seed_means_of_the_evaluation_jsons(demo):
     clone, _ = demo
     table = pd.read_csv(clone / "results/demo/report/main.csv", index_col="run", float_precision="round_trip")
-    results = evaluations(clone)
-    compute = table.pop("compute (CPU-core-hours)")  # matched compute: the run's training, from its metrics.json
-    pretrain = json.loads((clone / "results/demo/pretrain/clip/metrics.json").read_text())
-    assert compute["clip"] == pretrain["device_hours"] > 0
-    finetune = json.loads((clone / "results/demo/finetune/clip-kuea/metrics.json").read_text())
-    assert compute["clip-kuea"] == pytest.approx(pretrain["device_hours"] + finetune["device_hours"], rel=1e-12)
-    for column in table.columns:
+    compute = table.pop("train PFLOP")  # matched compute: exact training FLOPs from metrics.json
+    pretrain = json.loads((clone / "results/demo/pretrain/clip/seed0/metrics.json").read_text())
+    assert compute["clip"] == pytest.approx(pretrain["train_flops"] / 1e15, rel=1e-12) and compute["clip"] > 0
+    finetune = json.loads((clone / "results/demo/finetune/clip-kuea/seed0/metrics.json").read_text())
+    assert compute["clip-kuea"] == pytest.approx((pretrain["train_flops"] + finetune["train_flops"]) / 1e15, rel=1e-9)
+    assert table.loc["clip", "seeds"] == 3 and table.loc["cyclip", "seeds"] == 1
+    metrics = [c for c in table.columns if c != "seeds" and not c.endswith("±95%")]
+    for column in metrics:
         bench, label = column.split(" ", 1)
         key = {"top-1": "acc1", "T→I R@1": "image_retrieval_recall@1", "I→T R@1": "text_retrieval_recall@1"}[label]
-        assert table.loc["clip", column] == results[bench]["metrics"][key], column
-    assert set(results) == {c.split(" ")[0] for c in table.columns}
+        assert table.loc["clip", column] == pytest.approx(seed_mean(clone, "clip", bench, key), rel=1e-12), column
+        assert table.loc["clip", f"{column} ±95%"] > 0 and pd.isna(table.loc["cyclip", f"{column} ±95%"])
+    assert set(evaluations(clone)) == {c.split(" ")[0] for c in metrics}
+    text = (clone / "results/demo/report/main.md").read_text()
+    assert "demo-shape n = 400" in text and "3 seeds: clip, drc-r1, drc-r3, drc-r3-fusion-v1, distill-only" in text
 
 
 def test_download_stats_count_the_planted_faults_and_no_bad_sample_is_stored(demo):
@@ -101,18 +119,20 @@ def test_mlflow_store_holds_every_job_with_its_metrics(demo):
     registry = list(repo_params()["runs"])
     tuned = list(repo_params()["finetune_runs"])
     jobs = ["source", "data", "teacher-weights", "teacher", "captions", "report"] + [
-        f"{s}/{r}" for s in ("pretrain", "evaluate") for r in registry]
-    jobs += [f"{s}/{r}" for s in ("finetune", "evaluate") for r in tuned]
+        f"{s}/{r}/seed{k}" for s in ("pretrain", "evaluate") for r in registry for k in seeds(r)]
+    jobs += [f"{s}/{r}/seed{k}" for s in ("finetune", "evaluate") for r in tuned for k in seeds(r)]
     assert runs == dict.fromkeys(jobs + ["study/demo"], "FINISHED")
     parent = db.execute("select run_uuid from runs where name = 'study/demo'").fetchone()[0]
     children = dict(db.execute("select r.name, t.value from runs r join tags t on t.run_uuid = r.run_uuid "
                                "where t.key = 'mlflow.parentRunId'"))
     assert children == dict.fromkeys(jobs, parent)
     keys = dict(db.execute("select m.key, count(distinct m.step) from metrics m join runs r on "
-                           "m.run_uuid = r.run_uuid where r.name = 'pretrain/drc-r3' group by m.key"))
+                           "m.run_uuid = r.run_uuid where r.name = 'pretrain/drc-r3/seed1' group by m.key"))
     assert keys["loss"] >= 10 and keys["val_loss"] == repo_params()["studies"]["demo"]["pretrain"]["epochs"]
     for key in ("lr", "logit_scale", "grad_norm", "samples_per_s", "samples_per_s_per_device", "data_wait_fraction",
-                "mfu", "loss/distill_feature", "gate_alpha", "final/train_flops", "final/device_hours"):
+                "mfu", "loss/distill_feature", "injection/alpha", "injection/angle_deg", "injection/conflict_share",
+                "transition/gamma_3", "transition/strength_2", "val_objective", "val/injection/angle_deg",
+                "final/train_flops", "final/device_hours"):
         assert keys.get(key, 0) >= 1, key
     assert any(k.startswith("system/cpu_utilization") for k in keys), sorted(keys)
 
@@ -127,7 +147,7 @@ def test_alip_and_tips_style_train_on_the_second_captions_and_reach_the_main_tab
 
     def logged(run):
         return {k for (k,) in db.execute("select distinct m.key from metrics m join runs r on m.run_uuid = r.run_uuid "
-                                         "where r.name = ?", (f"pretrain/{run}",))}
+                                         "where r.name = ?", (f"pretrain/{run}/seed0",))}
 
     assert {"loss/alip_text", "loss/alip_caption", "loss/lcg_fired"} <= logged("alip")
     assert "loss/patch" in logged("tips-style")
@@ -135,31 +155,62 @@ def test_alip_and_tips_style_train_on_the_second_captions_and_reach_the_main_tab
     assert {"alip", "tips-style"} <= set(table.index)
 
 
-def test_order_sweep_table_covers_orders_zero_to_four_with_the_json_values(demo):
+def test_order_sweep_table_covers_orders_zero_to_four_with_the_json_values_and_gates(demo):
     clone, _ = demo
     sweep = pd.read_csv(clone / "results/demo/report/order_sweep.csv", index_col="R", float_precision="round_trip")
     assert list(sweep.index) == [0, 1, 2, 3, 4] and list(sweep["run"]) == [f"drc-r{r}" for r in range(5)]
     for r in range(5):
-        assert sweep.loc[r, "demo-shape top-1"] == evaluations(clone, f"drc-r{r}")["demo-shape"]["metrics"]["acc1"]
+        assert sweep.loc[r, "demo-shape top-1"] == pytest.approx(seed_mean(clone, f"drc-r{r}", "demo-shape", "acc1"),
+                                                                 rel=1e-12)
+    for r in range(2, 5):  # every transition gate of every order, as the last validation measured it
+        strength = [json.loads((clone / f"results/demo/pretrain/drc-r{r}/seed{k}/metrics.json").read_text())[
+            "strength"] for k in seeds(f"drc-r{r}")]
+        for q in range(2, r + 1):
+            gammas = [s[f"transition/gamma_{q}"] for s in strength]
+            assert sweep.loc[r, f"γ_{q}"] == pytest.approx(math.fsum(gammas) / len(gammas), rel=1e-12)
+        acted = [any(abs(s[f"transition/gamma_{q}"]) >= 0.02 for q in range(2, r + 1)) for s in strength]
+        assert sweep.loc[r, "acted (γ beyond ±0.02)"] == pytest.approx(sum(acted) / len(acted))
+    assert pd.isna(sweep.loc[1, "γ_2"]) and pd.isna(sweep.loc[2, "γ_3"])  # order R has gates 2..R only
     assert (clone / "results/demo/report/order_sweep.png").stat().st_size > 10_000
 
 
-def test_fusion_ablation_table_covers_the_six_variants_and_the_gate_opened(demo):
+def test_fusion_ablation_table_covers_the_variants_the_control_and_their_strength(demo):
     clone, _ = demo
     table = pd.read_csv(clone / "results/demo/report/fusion_ablation.csv", index_col="variant",
                         float_precision="round_trip")
-    assert [label.split()[0] for label in table.index] == ["V1", "V2", "V3", "V4", "V5", "V6", "chance"]
-    runs = {label.split()[0]: run for label, run in table["run"].items() if label != "chance"}
-    assert runs["V5"] == "drc-r3-fusion-v5 = drc-r3" and runs["V1"] == "drc-r3-fusion-v1"
+    assert [label.split()[0] for label in table.index] == ["V1", "V1", "V2", "V3", "V4", "V5", "V6", "chance"]
+    runs = dict(zip(table.index[:-1], table["run"][:-1], strict=True))
+    assert runs["V5 +conflict-aware gate"] == "drc-r3-fusion-v5 = drc-r3" and runs["V1 no injection"] == \
+        "drc-r3-fusion-v1" and runs["V1 +distillation (control)"] == "distill-only"
     assert not (clone / "results/demo/pretrain/drc-r3-fusion-v5").exists()  # one run, two names
-    for variant, run in runs.items():
-        shape = evaluations(clone, run.split(" = ")[-1])["demo-shape"]["metrics"]["acc1"]
-        assert table.loc[table.index.str.startswith(variant), "demo-shape top-1"].item() == shape
-    for run in ("drc-r3", "drc-r3-fusion-v6"):
-        metrics = json.loads((clone / "results/demo/pretrain" / run / "metrics.json").read_text())
-        assert metrics["gate_alpha"] != 0, run
+    for label, run in runs.items():
+        run = run.split(" = ")[-1]
+        assert table.loc[label, "demo-shape top-1"] == pytest.approx(seed_mean(clone, run, "demo-shape", "acc1"),
+                                                                     rel=1e-12)
+    for run in ("drc-r3", "drc-r3-fusion-v2", "drc-r3-fusion-v6"):
+        strength = json.loads((clone / f"results/demo/pretrain/{run}/seed0/metrics.json").read_text())["strength"]
+        assert strength["injection/angle_deg"] > 0 and strength["injection/residual_ratio"] > 0, run
+    assert pd.isna(table.loc["V1 no injection", "∠(z, z_g) °"])  # nothing injected, nothing measured
+    assert table.loc["V5 +conflict-aware gate", "α"] != 1.0  # α trained
     teacher = json.loads((clone / "results/demo/teacher/stats.json").read_text())
     assert teacher["checked"] and teacher["images"] == 8000 and teacher["bytes_per_image"] < 80_000
+
+
+def test_declared_comparisons_are_tested_and_marked(demo):
+    clone, _ = demo
+    p_values = pd.read_csv(clone / "results/demo/report/comparisons_p.csv", index_col="comparison")
+    declared = [f"{c['run']} − {c['against']}".replace("drc-r3-fusion-v5", "drc-r3")
+                for c in repo_params()["report"]["comparisons"]]
+    assert list(p_values.index) == declared
+    assert set(p_values["test"]) <= {"paired t", "paired t, none (identical differences: t undefined)"}
+    main = (clone / "results/demo/report/main.md").read_text()
+    differences = pd.read_csv(clone / "results/demo/report/comparisons.csv", index_col="comparison")
+    for comparison in declared:  # a significant improvement is bold in the run's row of the main table
+        run = comparison.split(" − ")[0]
+        row = next(line for line in main.splitlines() if line.startswith(f"| {run} |"))
+        significant = (p_values.loc[comparison].drop("test") < 0.05).any()
+        assert ("*" in row) >= significant, (comparison, row)
+        assert list(differences.columns).count("seeds") == 1
 
 
 def test_kuea_lowers_the_kernel_loss_keeps_the_text_tower_and_retrieval_within_two_points(demo):
@@ -173,20 +224,25 @@ def test_kuea_lowers_the_kernel_loss_keeps_the_text_tower_and_retrieval_within_t
     columns = {"image_retrieval_recall@1": "demo-retrieval T→I R@1",
                "text_retrieval_recall@1": "demo-retrieval I→T R@1"}
     for run, start in repo_params()["finetune_runs"].items():
-        out = clone / "results/demo/finetune" / run
-        metrics = json.loads((out / "metrics.json").read_text())
-        assert metrics["start_run"] == start and metrics["frozen_unchanged"] and metrics["reg_first"] == 0.0
-        assert metrics["kernel_loss_last"] < metrics["kernel_loss_first"], (run, metrics)
-        assert table.loc[f"{run} before", "kernel loss"] == metrics["kernel_loss_first"]
-        assert table.loc[f"{run} after", "kernel loss"] == metrics["kernel_loss_last"]
-        before = load_file(str(clone / "results/demo/pretrain" / start / "model/open_clip_model.safetensors"))
-        after = load_file(str(out / "model/open_clip_model.safetensors"))
-        assert all(before[k].equal(after[k]) for k in before if not k.startswith("visual."))
-        start_r, tuned_r = (evaluations(clone, r)["demo-retrieval"]["metrics"] for r in (start, run))
+        firsts, lasts = [], []
+        for seed in seeds(run):
+            out = clone / "results/demo/finetune" / run / f"seed{seed}"
+            metrics = json.loads((out / "metrics.json").read_text())
+            assert metrics["start_run"] == start and metrics["frozen_unchanged"] and metrics["reg_first"] == 0.0
+            assert metrics["kernel_loss_last"] < metrics["kernel_loss_first"], (run, metrics)
+            firsts.append(metrics["kernel_loss_first"])
+            lasts.append(metrics["kernel_loss_last"])
+            weights = "model/open_clip_model.safetensors"
+            before, after = (load_file(str(d / weights)) for d in (clone / f"results/demo/pretrain/{start}/seed{seed}",
+                                                                    out))
+            assert all(before[k].equal(after[k]) for k in before if not k.startswith("visual."))
+            start_r, tuned_r = (evaluations(clone, r, seed)["demo-retrieval"]["metrics"] for r in (start, run))
+            for key in columns:
+                assert abs(tuned_r[key] - start_r[key]) <= 0.02, (run, seed, key, start_r[key], tuned_r[key])
+        assert table.loc[f"{run} before", "kernel loss"] == pytest.approx(math.fsum(firsts) / len(firsts))
+        assert table.loc[f"{run} after", "kernel loss"] == pytest.approx(math.fsum(lasts) / len(lasts))
         for key, column in columns.items():
-            assert abs(tuned_r[key] - start_r[key]) <= 0.02, (run, key, start_r[key], tuned_r[key])
-            assert table.loc[f"{run} before", column] == start_r[key]
-            assert table.loc[f"{run} after", column] == tuned_r[key]
+            assert table.loc[f"{run} after", column] == pytest.approx(seed_mean(clone, run, "demo-retrieval", key))
     assert "kernel loss" in (clone / "results/demo/report/kuea.md").read_text()
 
 
@@ -197,10 +253,32 @@ def test_probe_and_modality_gap_cover_every_run_with_the_json_values(demo):
     gap = pd.read_csv(clone / "results/demo/report/modality_gap.csv", index_col="run", float_precision="round_trip")
     assert list(gap.index) == runs and list(probe.index) == runs + ["chance"]
     for run in ("clip", "drc-r3"):
-        result = json.loads((clone / f"results/demo/evaluate/{run}/linear_probe/demo-shape.json").read_text())
-        assert probe.loc[run, "demo-shape linear probe"] == result["metrics"]["lp_acc1"]
+        lp = [json.loads((clone / f"results/demo/evaluate/{run}/seed{k}/linear_probe/demo-shape.json").read_text())[
+            "metrics"]["lp_acc1"] for k in seeds(run)]
+        assert probe.loc[run, "demo-shape linear probe"] == pytest.approx(math.fsum(lp) / len(lp), rel=1e-12)
     assert pd.isna(gap.loc["clip", "d(z_g, z)"]) and gap.loc["drc-r3", "d(z_g, z)"] >= 0  # z_g only when injected
     assert (clone / "results/demo/report/modality_gap.png").stat().st_size > 10_000
+
+
+def test_the_teacher_pathway_carries_information_a_frozen_trunk_cannot_get_elsewhere(demo, tmp_path):
+    """The positive control (threshold fixed in advance at 10 points, outside the ±4.8-point noise of a 400-image
+    suite): V5 on a frozen random trunk with the true teacher features against the same features shuffled across
+    images."""
+    from teacher_control import control
+
+    clone, _ = demo
+    result = control(clone / "results/demo", tmp_path)
+    print(json.dumps(result))
+    assert result["margin"] >= 0.10, result
+
+
+def test_reference_compare_reads_the_committed_record(demo):
+    clone, _ = demo
+    out = sh(["dinorankclip", "reference", "compare", "--json", "comparison.json"], clone, activate=True).stdout
+    table = json.loads((clone / "comparison.json").read_text())
+    runs = len(repo_params()["runs"]) + len(repo_params()["finetune_runs"])
+    assert len(table) == runs * 7  # every run, every headline metric (five top-1 columns, two retrieval R@1)
+    assert "cells outside the reference's 95% intervals" in out
 
 
 def test_second_make_demo_does_no_work_and_dvc_sees_everything_up_to_date(demo):
@@ -230,10 +308,11 @@ def test_demo_from_scratch_again_gives_byte_identical_evaluations(demo):
     runs = ["clip", "drc-r3"]  # a baseline and a high-order run; every run is trained the same way
 
     def snapshot():
-        return {(r, p.name): p.read_bytes() for r in runs for p in (clone / "results/demo/evaluate" / r).glob("*.json")}
+        return {(r, p.name): p.read_bytes() for r in runs
+                for p in (clone / "results/demo/evaluate" / r / "seed0").glob("*.json")}
 
     first = snapshot()
     shutil.rmtree(clone / "results")
     shutil.rmtree(clone / ".snakemake")
-    sh(["snakemake"] + [f"results/demo/evaluate/{r}" for r in runs], clone, timeout=DEMO_TIMEOUT, activate=True)
+    sh(["snakemake"] + [f"results/demo/evaluate/{r}/seed0" for r in runs], clone, timeout=DEMO_TIMEOUT, activate=True)
     assert snapshot() == first and len(first) == 2 * 6
