@@ -4,13 +4,19 @@ img2dataset writes into a staging folder outside the stage's declared output, in
 download resumes where it stopped; a fingerprint of the caption list and the download settings guards against
 resuming into shards made from something else. When it finishes, every shard is rewritten in key order with
 every image decoded once more (a sample that fails is removed and counted), the per-URL status img2dataset
-records is tallied into dead links and undecodable files (`downloads.tsv`, `stats.json`), and the shards move
-into the output with a wids index.
+records is tallied into dead links and undecodable files (`downloads.tsv`, `stats.json`), and the shards are
+linked into the output with a wids index.
+
+The output is built whole before it is published (one rename, by the caller), and the staging folder stays until
+then, so a kill at any point leaves either the previous output or the complete new one, and a rerun finds its
+staging intact. The counts come from what is on disk: a sample is stored if its shard holds it, and the stage
+refuses to publish counts that disagree with the shards or the caption list.
 """
 
 from __future__ import annotations
 
 import contextlib
+import csv
 import io
 import logging
 import os
@@ -87,22 +93,60 @@ def normalize_shards(shards: list[Path], processes: int) -> dict[str, list[str]]
     return {name: keys for name, keys in bad.items() if keys}
 
 
+def forget_lost_shards(shard_dir: Path) -> None:
+    """Make img2dataset redo every shard whose record says done but whose tar is gone.
+
+    In incremental mode img2dataset skips a shard once its `<shard>_stats.json` exists; without the tar, the
+    shard's images would be counted from its parquet file and never stored.
+    """
+    for done in sorted(shard_dir.glob("*_stats.json")):
+        shard = done.name.removesuffix("_stats.json")
+        if not (shard_dir / f"{shard}.tar").exists():
+            log.warning("staging shard %s is recorded as done but its tar is missing; downloading it again", shard)
+            done.unlink()
+            (shard_dir / f"{shard}.parquet").unlink(missing_ok=True)
+
+
 def url_outcomes(shard_dir: Path) -> pd.DataFrame:
-    """One row per URL of the caption list, in key order: key, url, img2dataset status, error message."""
-    table = pd.concat([pd.read_parquet(p, columns=["key", "url", "status", "error_message"])
-                       for p in sorted(shard_dir.glob("*.parquet"))], ignore_index=True)
+    """One row per URL of the caption list, in key order: key, url, img2dataset status, error message, shard."""
+    tables = []
+    for parquet in sorted(shard_dir.glob("*.parquet")):
+        if not parquet.with_suffix(".tar").exists():
+            raise RuntimeError(f"{parquet} records downloads but {parquet.with_suffix('.tar').name} is missing; "
+                               f"remove {shard_dir.parent} and run the data stage again")
+        table = pd.read_parquet(parquet, columns=["key", "url", "status", "error_message"])
+        tables.append(table.assign(shard=parquet.with_suffix(".tar").name))
+    table = pd.concat(tables, ignore_index=True)
     table["error_message"] = table["error_message"].fillna("").str.strip()
     return table.sort_values("key", ignore_index=True)
 
 
-def tally(table: pd.DataFrame, removed: dict[str, list[str]]) -> dict:
-    """What was stored, what was lost and why."""
+def shard_keys(shard: Path) -> set[str]:
+    with tarfile.open(shard) as tar:
+        return {m.name.split(".", 1)[0] for m in tar if m.isfile()}
+
+
+def tally(table: pd.DataFrame, shards: list[Path]) -> dict:
+    """What was stored (the samples the shards hold), what was lost and why.
+
+    A download img2dataset recorded as a success whose sample the shard no longer holds was removed by the
+    verification pass; a sample in a shard without a recorded success means the staging folder is inconsistent.
+    """
+    held = {shard.name: shard_keys(shard) for shard in shards}
+    succeeded = table.loc[table["status"] == "success"].groupby("shard")["key"].agg(set).to_dict()
+    removed = {}
+    for name, keys in held.items():
+        if stray := keys - succeeded.get(name, set()):
+            raise RuntimeError(f"{name} holds samples with no recorded download ({sorted(stray)[:5]}); remove the "
+                               "staging folder and run the data stage again")
+        if lost := sorted(succeeded.get(name, set()) - keys):
+            removed[name] = lost
     status = Counter(table["status"])
     errors = Counter(table.loc[table["status"] != "success", "error_message"].replace("", "unknown"))
     removed_count = sum(len(keys) for keys in removed.values())
     return {
         "urls": len(table),
-        "stored": status.get("success", 0) - removed_count,
+        "stored": sum(len(keys) for keys in held.values()),
         "dead_links": status.get("failed_to_download", 0),
         "corrupt": status.get("failed_to_resize", 0) + removed_count,
         "removed_after_verification": removed,
@@ -110,42 +154,69 @@ def tally(table: pd.DataFrame, removed: dict[str, list[str]]) -> dict:
     }
 
 
+def caption_rows(tsv: Path) -> int:
+    """Rows of a cleaned caption list (the header excluded): one per URL img2dataset must account for."""
+    with open(tsv, newline="") as f:
+        return sum(1 for _ in csv.reader(f, delimiter="\t")) - 1
+
+
+def check_counts(stats: dict, index: dict, tsv: Path) -> None:
+    """Refuse to publish counts that disagree with the shards or with the caption list."""
+    indexed = sum(entry["nsamples"] for entry in index["shardlist"])
+    expected = caption_rows(tsv)
+    if stats["stored"] != indexed or stats["urls"] != expected or \
+            stats["stored"] + stats["dead_links"] + stats["corrupt"] != stats["urls"]:
+        raise RuntimeError(f"data stage counts do not add up: {expected} rows in {tsv}, {stats['urls']} download "
+                           f"records, {indexed} samples in the shards, stats {stats}")
+
+
+def link_or_copy(src: Path, dest: Path) -> None:
+    """A hard link (no copy of the bytes, and `src` stays where a rerun looks for it), or a copy across devices."""
+    try:
+        os.link(src, dest)
+    except OSError:
+        shutil.copyfile(src, dest)
+
+
 def shard_index(shards: list[Path], name: str) -> dict:
     """A wids descriptor: each shard with its sample count, URLs relative to the descriptor."""
     entries = []
     for shard in shards:
-        with tarfile.open(shard) as tar:
-            keys = {m.name.split(".", 1)[0] for m in tar if m.isfile()}
-        if keys:
+        if keys := shard_keys(shard):
             entries.append({"url": f"shards/{shard.name}", "nsamples": len(keys), "filesize": shard.stat().st_size})
     return {"__kind__": "wids-shard-index-v1", "wids_version": 1, "name": name, "shardlist": entries}
 
 
 def build_shards(cfg: dict, source_dir: Path, staging: Path, out: Path) -> dict:
-    """Download into `staging`, verify, and move the finished shards with their index and stats into `out`."""
+    """Download into `staging`, verify, and write the complete output (shards, index, manifest, stats) into `out`.
+
+    `staging` is left in place: the caller removes it once `out` is published.
+    """
     data, source = cfg["data"], cfg["source"]
     tsv = source_dir / "train.tsv"
     prepare_staging(staging, fingerprint([tsv], data))
+    shard_dir = staging / "shards"
+    forget_lost_shards(shard_dir)
     server = (serve_directory(source_dir / "www", source["port"]) if source["kind"] == "demo_world"
               else contextlib.nullcontext())
     with server:
         run_img2dataset(tsv, staging, data)
 
-    shard_dir = staging / "shards"
     shards = sorted(shard_dir.glob("*.tar"))
-    removed = normalize_shards(shards, data["processes"])
+    normalize_shards(shards, data["processes"])
     outcomes = url_outcomes(shard_dir)
-    stats = tally(outcomes, removed)
+    stats = tally(outcomes, shards)
     if stats["stored"] == 0:
         raise RuntimeError(f"no image of {tsv} could be downloaded; see {shard_dir}/*.parquet for the errors")
 
     (out / "shards").mkdir()
     for shard in shards:
-        os.replace(shard, out / "shards" / shard.name)
-    outcomes.to_csv(out / "downloads.tsv", sep="\t", index=False)
-    write_json(out / "shards.json", shard_index(sorted((out / "shards").glob("*.tar")), f"{cfg['study']}-train"))
+        link_or_copy(shard, out / "shards" / shard.name)
+    index = shard_index(sorted((out / "shards").glob("*.tar")), f"{cfg['study']}-train")
+    check_counts(stats, index, tsv)
+    outcomes.drop(columns="shard").to_csv(out / "downloads.tsv", sep="\t", index=False)
+    write_json(out / "shards.json", index)
     write_json(out / "stats.json", stats)
-    shutil.rmtree(staging)
     log.info("stored %d of %d images: %d dead links, %d undecodable",
              stats["stored"], stats["urls"], stats["dead_links"], stats["corrupt"])
     return stats
