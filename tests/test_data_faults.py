@@ -6,6 +6,7 @@ import io
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tarfile
@@ -19,7 +20,9 @@ from dinorankclip.config import resolve
 from dinorankclip.data.download import build_shards
 from dinorankclip.data.source import build_source
 from dinorankclip.faults import KILL_ENV
-from dinorankclip.io import read_json
+from dinorankclip.io import atomic_dir, read_json, write_json
+
+UMASK = 0o027  # group may read, others nothing: a shared cluster project folder
 
 
 def data_stage(cwd: Path, kill_at: str | None = None) -> subprocess.CompletedProcess:
@@ -29,15 +32,16 @@ def data_stage(cwd: Path, kill_at: str | None = None) -> subprocess.CompletedPro
     if kill_at:
         env[KILL_ENV] = kill_at
     return subprocess.run([sys.executable, "-m", "dinorankclip", "--params", "params.yaml", "data"], cwd=cwd,
-                          env=env, capture_output=True, text=True, timeout=600)
+                          env=env, capture_output=True, text=True, timeout=600, umask=UMASK)
 
 
 def published(cwd: Path) -> dict:
-    """What a data stage output holds: its counts, index, manifest and the bytes of every shard."""
+    """What a data stage output holds: its counts, index, manifest, the bytes of every shard, and every mode."""
     out = cwd / "results" / "demo" / "data"
     return {"stats": read_json(out / "stats.json"), "index": read_json(out / "shards.json"),
             "downloads": (out / "downloads.tsv").read_text(),
-            "shards": {p.name: p.read_bytes() for p in sorted((out / "shards").glob("*.tar"))}}
+            "shards": {p.name: p.read_bytes() for p in sorted((out / "shards").glob("*.tar"))},
+            "modes": {str(p.relative_to(out)): stat.S_IMODE(p.stat().st_mode) for p in [out, *out.rglob("*")]}}
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +56,10 @@ def reference(tmp_path_factory):
     shutil.copytree(clean, fresh, dirs_exist_ok=True)  # the same world (same URLs) before any data stage ran
     done = data_stage(clean)
     assert done.returncode == 0, done.stderr[-3000:]
-    return fresh, published(clean)
+    output = published(clean)
+    # the modes the umask gives, so a group shares the output on a cluster filesystem (not tempfile's 0600/0700)
+    assert {p: mode for p, mode in output["modes"].items() if mode != (0o750 if p in (".", "shards") else 0o640)} == {}
+    return fresh, output
 
 
 def test_a_kill_while_publishing_loses_nothing_and_the_rerun_equals_an_uninterrupted_run(reference):
@@ -65,10 +72,12 @@ def test_a_kill_while_publishing_loses_nothing_and_the_rerun_equals_an_uninterru
     assert "kill point data:publish reached" in killed.stderr
     assert not (results / "data").exists()
     assert len(list((staging / "shards").glob("*.tar"))) == 3  # the staging still holds every shard
+    assert len(list(results.glob(".data.tmp-*"))) == 1  # the unpublished output, hidden
 
     killed = data_stage(cwd, kill_at="data:published")  # renamed, but the staging is not yet removed
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert published(cwd) == expected and staging.exists()
+    assert list(results.glob(".data.tmp-*")) == []  # the next attempt removed the killed one's leftovers
 
     rerun = data_stage(cwd)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
@@ -124,4 +133,28 @@ def test_a_shard_holding_samples_nobody_downloaded_is_not_published(built, tmp_p
     with pytest.raises(RuntimeError, match=r"00000.tar holds samples with no recorded download \(\['9999999'\]\)"):
         rebuild(built, tmp_path, plant)
     assert os.listdir(tmp_path / "again") == []
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o077])
+def test_outputs_get_the_modes_the_umask_gives(tmp_path, umask):
+    """tempfile's 0600/0700 made every published output unreadable to the group on a shared filesystem."""
+    before = os.umask(umask)
+    try:
+        with atomic_dir(tmp_path / "stage") as out:
+            write_json(out / "stats.json", {"n": 1})
+            (out / "shards").mkdir()
+    finally:
+        os.umask(before)
+    assert stat.S_IMODE((tmp_path / "stage").stat().st_mode) == 0o777 & ~umask
+    assert stat.S_IMODE((tmp_path / "stage" / "shards").stat().st_mode) == 0o777 & ~umask
+    assert stat.S_IMODE((tmp_path / "stage" / "stats.json").stat().st_mode) == 0o666 & ~umask
+
+
+def test_a_killed_writers_temporary_folders_are_removed_by_the_next_attempt(tmp_path):
+    (tmp_path / ".stage.tmp-0a1b2c3d4e5f").mkdir()  # what a kill inside `atomic_dir` leaves
+    (tmp_path / ".stage.tmp-0a1b2c3d4e5f" / "half.tar").write_bytes(b"x" * 100)
+    (tmp_path / ".stage-other.tmp-0a1b2c3d4e5f").mkdir()  # another output's: not ours to remove
+    with atomic_dir(tmp_path / "stage") as out:
+        (out / "done").write_text("yes")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".stage-other.tmp-0a1b2c3d4e5f", "stage"]
 
