@@ -2,23 +2,33 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import re
 import shutil
 import signal
 import stat
 import subprocess
 import sys
 import tarfile
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 from helpers import tiny_world_cfg, tiny_world_params, venv_env
+from PIL import Image
 
 from dinorankclip.config import resolve
 from dinorankclip.data.download import build_shards
+from dinorankclip.data.egress import AddressPolicy
 from dinorankclip.data.source import build_source
+from dinorankclip.data.tsv import clean_caption_list
 from dinorankclip.faults import KILL_ENV
 from dinorankclip.io import atomic_dir, read_json, write_json
 
@@ -158,3 +168,184 @@ def test_a_killed_writers_temporary_folders_are_removed_by_the_next_attempt(tmp_
         (out / "done").write_text("yes")
     assert sorted(p.name for p in tmp_path.iterdir()) == [".stage-other.tmp-0a1b2c3d4e5f", "stage"]
 
+
+# --- hostile servers -------------------------------------------------------------------------------------------
+
+
+class Web(ThreadingHTTPServer):
+    """A local stand-in for the web: a page function per path, every request counted and timed."""
+
+    daemon_threads = True
+
+    def __init__(self, pages: dict):
+        super().__init__(("127.0.0.1", 0), _Page)
+        self.pages, self.hits, self.started = pages, Counter(), {}
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class _Page(BaseHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+    def do_GET(self):  # noqa: N802
+        self.server.hits[self.path] += 1
+        self.server.started[self.path] = time.monotonic()
+        page = self.server.pages.get(self.path)
+        with contextlib.suppress(OSError):  # a client that gives up mid-body
+            page(self) if page else self.send_error(404)
+
+
+@contextlib.contextmanager
+def web(pages: dict):
+    server = Web(pages)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def body(data: bytes):
+    def page(h):
+        h.send_response(200)
+        h.send_header("Content-Length", str(len(data)))
+        h.end_headers()
+        h.wfile.write(data)
+    return page
+
+
+def redirect(location: str):
+    def page(h):
+        h.send_response(302)
+        h.send_header("Location", location)
+        h.send_header("Content-Length", "0")
+        h.end_headers()
+    return page
+
+
+def drip(size: int, every: float):
+    """A body of `size` bytes, one byte every `every` seconds: each read is quick, the whole is not."""
+    def page(h):
+        h.send_response(200)
+        h.send_header("Content-Length", str(size))
+        h.end_headers()
+        for _ in range(size):
+            h.wfile.write(b"\xff")
+            h.wfile.flush()
+            time.sleep(every)
+    return page
+
+
+def endless(announced: int):
+    """A response announcing `announced` bytes and streaming zeros for as long as the client reads."""
+    def page(h):
+        h.send_response(200)
+        h.send_header("Content-Length", str(announced))
+        h.end_headers()
+        while True:
+            h.wfile.write(bytes(1 << 16))
+    return page
+
+
+def picture(colour=(200, 40, 40), size=48, fmt="JPEG", mode="RGB", **save) -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, (size, size), colour).save(buf, format=fmt, **save)
+    return buf.getvalue()
+
+
+def download(tmp_path: Path, rows: list[tuple[str, str]], allow: list[str], **data) -> tuple[dict, dict]:
+    """The data stage (in-process) on a caption list of `rows` (caption, url): its stats, and {url: (status,
+    error)} from its manifest."""
+    cfg = tiny_world_cfg()
+    cfg["source"] = {"kind": "cc3m", "tsv": "the rows below"}
+    cfg["data"].update(allow=allow, retries=0, **data)
+    source = tmp_path / "source"
+    source.mkdir()
+    (source / "raw.tsv").write_text("".join(f"{caption}\t{url}\n" for caption, url in rows))
+    clean_caption_list(source / "raw.tsv", source / "train.tsv")
+    (tmp_path / "data").mkdir()
+    stats = build_shards(cfg, source, tmp_path / "staging", tmp_path / "data")
+    table = pd.read_csv(tmp_path / "data" / "downloads.tsv", sep="\t", dtype=str, keep_default_na=False)
+    return stats, {row.url: (row.status, row.error_message) for row in table.itertuples()}
+
+
+def test_no_row_or_redirect_reaches_a_private_loopback_or_link_local_address(tmp_path):
+    secret = picture((10, 200, 10))
+    with web({"/secret.jpg": body(secret)}) as internal:
+        port = internal.server_address[1]
+        pages = {"/0.jpg": body(picture()), "/1.jpg": body(picture((40, 40, 200))),
+                 "/to-metadata": redirect("http://169.254.169.254/latest/meta-data/iam/security-credentials/"),
+                 "/to-internal": redirect(f"http://127.0.0.1:{port}/secret.jpg"),
+                 "/to-internal-by-name": redirect(f"http://localhost:{port}/secret.jpg"),
+                 "/to-ftp": redirect(f"ftp://127.0.0.1:{port}/secret.jpg"),
+                 "/to-file": redirect("file:///etc/hostname"),
+                 "/loop": redirect("/loop"),
+                 "/huge": endless(10**10)}
+        with web(pages) as public:
+            hostile = {
+                "http://169.254.169.254/latest/meta-data/": "refused: 169.254.169.254 is link-local",
+                f"http://127.0.0.1:{port}/secret.jpg": "refused: 127.0.0.1 is loopback",
+                f"http://localhost:{port}/secret.jpg": "refused: localhost resolves to 127.0.0.1, which is loopback",
+                f"http://2130706433:{port}/secret.jpg": "refused: 2130706433 resolves to 127.0.0.1",
+                f"http://0.0.0.0:{port}/secret.jpg": "refused: 0.0.0.0 is unspecified",
+                f"http://[::ffff:127.0.0.1]:{port}/secret.jpg": "refused: ::ffff:127.0.0.1 is",
+                f"https://127.0.0.1:{port}/secret.jpg": "Tunnel connection failed: 403 refused: 127.0.0.1 is loopback",
+                f"http://10.11.12.13:{port}/secret.jpg": "refused: 10.11.12.13 is private",
+                f"{public.base}/to-metadata": "refused: 169.254.169.254 is link-local",
+                f"{public.base}/to-internal": "refused: 127.0.0.1 is loopback",
+                f"{public.base}/to-internal-by-name": "refused: localhost resolves to 127.0.0.1",
+                f"{public.base}/to-ftp": "refused: ftp URL",
+                f"{public.base}/to-file": "Redirection to url 'file:///etc/hostname' is not allowed",
+                f"{public.base}/loop": "infinite loop",
+                f"{public.base}/huge": "announces 10000000000 bytes, over data.max_bytes",
+            }
+            rows = [("a red square", f"{public.base}/0.jpg"), ("a blue square", f"{public.base}/1.jpg")]
+            rows += [(f"hostile {i}", url) for i, url in enumerate(hostile)]
+            stats, outcomes = download(tmp_path, rows, allow=[f"127.0.0.1:{public.server_address[1]}"])
+    assert internal.hits == Counter()  # nothing, not even a redirect, got through to the internal server
+    assert (stats["stored"], stats["dead_links"], stats["corrupt"]) == (2, len(hostile), 0)
+    for url, error in hostile.items():
+        status, message = outcomes[url]
+        assert status == "failed_to_download" and error in message, (url, message)
+
+
+def test_a_server_that_drips_is_cut_at_the_deadline(tmp_path):
+    """Each byte comes within `data.timeout`, so only a total deadline stops the download (200 s uncut)."""
+    deadline = 5
+    with web({"/0.jpg": body(picture()), "/drip.jpg": drip(100, every=2)}) as slow:
+        rows = [("a red square", f"{slow.base}/0.jpg"), ("a slow picture", f"{slow.base}/drip.jpg")]
+        stats, outcomes = download(tmp_path, rows, allow=[f"127.0.0.1:{slow.server_address[1]}"],
+                                   timeout=3, deadline=deadline)
+        finished = time.monotonic()
+    assert finished - slow.started["/drip.jpg"] <= 3 * deadline  # from the drip's first byte to the stage's end
+    assert (stats["stored"], stats["dead_links"]) == (1, 1)
+    status, message = outcomes[f"{slow.base}/drip.jpg"]
+    assert status == "failed_to_download"
+    assert message == f"HTTP Error 504: no complete response from 127.0.0.1:{slow.server_address[1]} within " \
+                      f"data.deadline = {deadline} s"
+    assert stats["errors"] == {message: 1}
+
+
+@pytest.mark.parametrize(("address", "port", "kind"), [
+    ("93.184.215.14", 80, None), ("2606:4700::6810:84e5", 443, None),  # public
+    ("169.254.169.254", 80, "link-local"), ("100.100.100.200", 80, "non-global"),  # cloud metadata services
+    ("10.0.0.1", 80, "private"), ("192.168.1.1", 80, "private"), ("0.0.0.0", 80, "unspecified"),
+    ("224.0.0.1", 80, "multicast"), ("fe80::1%eth0", 80, "link-local"), ("fd12::1", 80, "private"),
+    ("::ffff:169.254.169.254", 80, "private"), ("64:ff9b::7f00:1", 80, "loopback"),  # IPv4 inside IPv6: NAT64,
+    ("2002:a9fe:a9fe::1", 80, "link-local"),  # and 6to4 of 169.254.169.254
+    ("127.0.0.1", 8765, None), ("127.0.0.1", 8766, "loopback"), ("10.1.2.3", 9000, None), ("::1", 8080, None),
+])
+def test_the_address_policy(address, port, kind):
+    policy = AddressPolicy.parse(["127.0.0.1:8765", "10.1.0.0/16", "[::1]:8080"])
+    assert policy.refusal(address, port) == kind
+
+
+@pytest.mark.parametrize("entry", ["localhost:8080", "10.0.0.0/33", "[::1:8080", "127.0.0.1:port"])
+def test_a_bad_allow_entry_is_one_error_naming_the_key(entry):
+    with pytest.raises(ValueError, match=rf"data.allow: {re.escape(repr(entry))} is not an address or network"):
+        AddressPolicy.parse([entry])

@@ -23,12 +23,14 @@ import os
 import shutil
 import tarfile
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pandas as pd
 from PIL import Image
 
+from dinorankclip.data.egress import AddressPolicy, egress_proxy, routed_through
 from dinorankclip.data.server import serve_directory
 from dinorankclip.io import fingerprint, prepare_staging, write_json
 
@@ -37,16 +39,39 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 
 
 def run_img2dataset(tsv: Path, staging: Path, data: dict) -> None:
+    """img2dataset over the caption list; its timeout is only a backstop, as the egress proxy it is routed through
+    enforces `data.timeout` and `data.deadline` on every request."""
     from img2dataset import download  # heavy import (albumentations, cv2): only where it is used
 
     download(
         url_list=str(tsv), input_format="tsv", url_col="url", caption_col="caption",
         output_format="webdataset", output_folder=str(staging / "shards"), incremental_mode="incremental",
         image_size=data["image_size"], resize_mode=data["resize_mode"], encode_quality=data["encode_quality"],
-        processes_count=data["processes"], thread_count=data["threads"], timeout=data["timeout"],
+        processes_count=data["processes"], thread_count=data["threads"], timeout=data["deadline"] + data["timeout"],
         retries=data["retries"], number_sample_per_shard=data["shard_size"],
         distributor="multiprocessing", enable_wandb=False,
     )
+
+
+@contextlib.contextmanager
+def guarded_download(cfg: dict, source_dir: Path) -> Iterator[None]:
+    """The world the download runs in: every request through the egress proxy (address policy, deadline, size
+    cap), and for the demo its local server, the one loopback address allowed without a `data.allow` entry."""
+    data, source = cfg["data"], cfg["source"]
+    allow = list(data.get("allow", []))
+    server = contextlib.nullcontext()
+    if source["kind"] == "demo_world":
+        allow.append(f"127.0.0.1:{source['port']}")
+        server = serve_directory(source_dir / "www", source["port"])
+    policy = AddressPolicy.parse(allow)
+    with server, egress_proxy(policy, data["deadline"], data["timeout"], data["max_bytes"]) as proxy, \
+            routed_through(proxy.url):
+        yield
+    counts = proxy.counts
+    log.info("egress: %d http requests, %d https tunnels; %d refused by the address policy, %d unreachable, "
+             "%d past data.deadline, %d silent past data.timeout, %d over data.max_bytes", counts["http"],
+             counts["https"], counts["refused"], counts["unreachable"], counts["deadline"], counts["idle"],
+             counts["too_large"])
 
 
 def _decodes(data: bytes) -> bool:
@@ -192,14 +217,12 @@ def build_shards(cfg: dict, source_dir: Path, staging: Path, out: Path) -> dict:
 
     `staging` is left in place: the caller removes it once `out` is published.
     """
-    data, source = cfg["data"], cfg["source"]
+    data = cfg["data"]
     tsv = source_dir / "train.tsv"
     prepare_staging(staging, fingerprint([tsv], data))
     shard_dir = staging / "shards"
     forget_lost_shards(shard_dir)
-    server = (serve_directory(source_dir / "www", source["port"]) if source["kind"] == "demo_world"
-              else contextlib.nullcontext())
-    with server:
+    with guarded_download(cfg, source_dir):
         run_img2dataset(tsv, staging, data)
 
     shards = sorted(shard_dir.glob("*.tar"))
