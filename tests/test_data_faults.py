@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import re
 import shutil
@@ -18,11 +19,13 @@ from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
 from helpers import tiny_world_cfg, tiny_world_params, venv_env
-from PIL import Image
+from PIL import ExifTags, Image
 
 from dinorankclip.config import resolve
 from dinorankclip.data.download import build_shards
@@ -349,3 +352,74 @@ def test_the_address_policy(address, port, kind):
 def test_a_bad_allow_entry_is_one_error_naming_the_key(entry):
     with pytest.raises(ValueError, match=rf"data.allow: {re.escape(repr(entry))} is not an address or network"):
         AddressPolicy.parse([entry])
+
+
+# --- images that decode wrong -----------------------------------------------------------------------------------
+
+
+def halves(size=48) -> Image.Image:
+    """Left half red, right half blue: where the halves land shows the orientation."""
+    pixels = np.zeros((size, size, 3), np.uint8)
+    pixels[:, : size // 2], pixels[:, size // 2:] = (200, 30, 30), (30, 30, 200)
+    return Image.fromarray(pixels)
+
+
+def encoded(img: Image.Image, fmt: str, **save) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **save)
+    return buf.getvalue()
+
+
+def stored_images(data_dir: Path) -> dict[str, np.ndarray]:
+    """{url: decoded RGB pixels} of every sample in a data stage output."""
+    images = {}
+    for shard in sorted((data_dir / "shards").glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            files = {m.name: tar.extractfile(m).read() for m in tar if m.isfile()}
+        for name, payload in files.items():
+            if name.endswith(".json"):
+                url = json.loads(payload)["url"]
+                jpg = files[name.removesuffix(".json") + ".jpg"]
+                images[url] = np.asarray(Image.open(io.BytesIO(jpg)).convert("RGB")).astype(int)
+    return images
+
+
+def test_orientation_bit_depth_and_colour_models_are_stored_as_seen_and_counted(tmp_path):
+    rotated = Image.Exif()
+    rotated[ExifTags.Base.Orientation] = 6  # stored sideways: shown turned 90 degrees clockwise (a phone photo)
+    ramp = np.tile(np.linspace(0, 65535, 48), (48, 1)).astype(np.uint16)  # dark to bright, left to right
+    ok, ramp_rgb = cv2.imencode(".png", np.dstack([ramp, ramp, ramp]))  # 48 bits per pixel
+    rgba = np.dstack([np.asarray(halves()), np.full((48, 48), 255, np.uint8)])
+    rgba[:, 24:, 3] = 0  # the blue half fully transparent
+    files = {
+        "/upright.jpg": encoded(halves(), "JPEG", quality=95),
+        "/phone.jpg": encoded(halves(), "JPEG", quality=95, exif=rotated.tobytes()),
+        "/gray16.png": encoded(Image.fromarray(ramp), "PNG"),
+        "/rgb16.png": ramp_rgb.tobytes(),
+        "/cmyk.jpg": encoded(halves().convert("CMYK"), "JPEG", quality=95),
+        "/rgba.png": encoded(Image.fromarray(rgba, "RGBA"), "PNG"),
+        "/bomb.png": encoded(Image.new("1", (10_000, 10_000)), "PNG"),  # 12 kB on the wire, 300 MB decoded
+    }
+    assert ok and all(len(b) < 20_000 for b in files.values())
+    with web({path: body(payload) for path, payload in files.items()}) as site:
+        rows = [(f"picture {path}", f"{site.base}{path}") for path in files]
+        stats, outcomes = download(tmp_path, rows, allow=[f"127.0.0.1:{site.server_address[1]}"])
+    images = {url.removeprefix(site.base): pixels for url, pixels in stored_images(tmp_path / "data").items()}
+    red, blue, white = (200, 30, 30), (30, 30, 200), (255, 255, 255)
+
+    def near(pixels, colour):
+        return np.abs(pixels.reshape(-1, 3).mean(0) - colour).max() < 25
+
+    top, bottom, left, right = (lambda p: p[:20], lambda p: p[-20:], lambda p: p[:, :20], lambda p: p[:, -20:])
+    for path in ("/upright.jpg", "/cmyk.jpg"):
+        assert near(left(images[path]), red) and near(right(images[path]), blue), path
+    assert near(top(images["/phone.jpg"]), red) and near(bottom(images["/phone.jpg"]), blue)  # turned upright
+    for path in ("/gray16.png", "/rgb16.png"):  # a ramp, not white
+        brightness = images[path].mean(axis=(0, 2))
+        assert brightness[:5].mean() < 40 and brightness[-5:].mean() > 215 and 100 < brightness.mean() < 155, path
+    assert near(left(images["/rgba.png"]), red) and near(right(images["/rgba.png"]), white)  # matted on white
+    assert "/bomb.png" not in images
+    assert outcomes[f"{site.base}/bomb.png"] == (
+        "failed_to_resize", "decompression bomb: 10000x10000 pixels, over the limit of 89478485")
+    assert (stats["stored"], stats["corrupt"]) == (6, 1)
+    assert stats["fixed"] == {"exif_orientation": 1, "16_bit": 2}

@@ -30,6 +30,7 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
+from dinorankclip.data.decode import count_fixes, upright_images
 from dinorankclip.data.egress import AddressPolicy, egress_proxy, routed_through
 from dinorankclip.data.server import serve_directory
 from dinorankclip.io import fingerprint, prepare_staging, write_json
@@ -133,13 +134,14 @@ def forget_lost_shards(shard_dir: Path) -> None:
 
 
 def url_outcomes(shard_dir: Path) -> pd.DataFrame:
-    """One row per URL of the caption list, in key order: key, url, img2dataset status, error message, shard."""
+    """One row per URL of the caption list, in key order: key, url, img2dataset status, error message, the sha256
+    of the downloaded bytes, shard."""
     tables = []
     for parquet in sorted(shard_dir.glob("*.parquet")):
         if not parquet.with_suffix(".tar").exists():
             raise RuntimeError(f"{parquet} records downloads but {parquet.with_suffix('.tar').name} is missing; "
                                f"remove {shard_dir.parent} and run the data stage again")
-        table = pd.read_parquet(parquet, columns=["key", "url", "status", "error_message"])
+        table = pd.read_parquet(parquet, columns=["key", "url", "status", "error_message", "sha256"])
         tables.append(table.assign(shard=parquet.with_suffix(".tar").name))
     table = pd.concat(tables, ignore_index=True)
     table["error_message"] = table["error_message"].fillna("").str.strip()
@@ -151,8 +153,9 @@ def shard_keys(shard: Path) -> set[str]:
         return {m.name.split(".", 1)[0] for m in tar if m.isfile()}
 
 
-def tally(table: pd.DataFrame, shards: list[Path]) -> dict:
-    """What was stored (the samples the shards hold), what was lost and why.
+def tally(table: pd.DataFrame, shards: list[Path], fixes_dir: Path) -> dict:
+    """What was stored (the samples the shards hold), what was lost and why, and how many stored images were
+    fixed before they were resized (`decode`: EXIF orientation, 16-bit samples).
 
     A download img2dataset recorded as a success whose sample the shard no longer holds was removed by the
     verification pass; a sample in a shard without a recorded success means the staging folder is inconsistent.
@@ -169,9 +172,11 @@ def tally(table: pd.DataFrame, shards: list[Path]) -> dict:
     status = Counter(table["status"])
     errors = Counter(table.loc[table["status"] != "success", "error_message"].replace("", "unknown"))
     removed_count = sum(len(keys) for keys in removed.values())
+    stored = set().union(*held.values())
     return {
         "urls": len(table),
-        "stored": sum(len(keys) for keys in held.values()),
+        "stored": len(stored),
+        "fixed": count_fixes(fixes_dir, table.loc[table["key"].isin(stored), "sha256"]),
         "dead_links": status.get("failed_to_download", 0),
         "corrupt": status.get("failed_to_resize", 0) + removed_count,
         "removed_after_verification": removed,
@@ -222,13 +227,13 @@ def build_shards(cfg: dict, source_dir: Path, staging: Path, out: Path) -> dict:
     prepare_staging(staging, fingerprint([tsv], data))
     shard_dir = staging / "shards"
     forget_lost_shards(shard_dir)
-    with guarded_download(cfg, source_dir):
+    with guarded_download(cfg, source_dir), upright_images(staging / "fixes"):
         run_img2dataset(tsv, staging, data)
 
     shards = sorted(shard_dir.glob("*.tar"))
     normalize_shards(shards, data["processes"])
     outcomes = url_outcomes(shard_dir)
-    stats = tally(outcomes, shards)
+    stats = tally(outcomes, shards, staging / "fixes")
     if stats["stored"] == 0:
         raise RuntimeError(f"no image of {tsv} could be downloaded; see {shard_dir}/*.parquet for the errors")
 
@@ -237,9 +242,9 @@ def build_shards(cfg: dict, source_dir: Path, staging: Path, out: Path) -> dict:
         link_or_copy(shard, out / "shards" / shard.name)
     index = shard_index(sorted((out / "shards").glob("*.tar")), f"{cfg['study']}-train")
     check_counts(stats, index, tsv)
-    outcomes.drop(columns="shard").to_csv(out / "downloads.tsv", sep="\t", index=False)
+    outcomes.drop(columns=["shard", "sha256"]).to_csv(out / "downloads.tsv", sep="\t", index=False)
     write_json(out / "shards.json", index)
     write_json(out / "stats.json", stats)
-    log.info("stored %d of %d images: %d dead links, %d undecodable",
-             stats["stored"], stats["urls"], stats["dead_links"], stats["corrupt"])
+    log.info("stored %d of %d images: %d dead links, %d undecodable; fixed before resizing: %s",
+             stats["stored"], stats["urls"], stats["dead_links"], stats["corrupt"], stats["fixed"])
     return stats
