@@ -9,12 +9,15 @@ import os
 import re
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
 import tarfile
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -29,7 +32,7 @@ from PIL import ExifTags, Image
 
 from dinorankclip.config import resolve
 from dinorankclip.data.download import build_shards
-from dinorankclip.data.egress import AddressPolicy
+from dinorankclip.data.egress import AddressPolicy, egress_proxy
 from dinorankclip.data.source import build_source
 from dinorankclip.data.tsv import clean_caption_list
 from dinorankclip.faults import KILL_ENV
@@ -423,3 +426,66 @@ def test_orientation_bit_depth_and_colour_models_are_stored_as_seen_and_counted(
         "failed_to_resize", "decompression bomb: 10000x10000 pixels, over the limit of 89478485")
     assert (stats["stored"], stats["corrupt"]) == (6, 1)
     assert stats["fixed"] == {"exif_orientation": 1, "16_bit": 2}
+
+
+# --- the egress proxy alone, against servers that never finish -----------------------------------------------
+
+
+def endless_chunks(h):
+    """A chunked body that never ends: no length to refuse up front, so only counting the bytes stops it."""
+    h.protocol_version = "HTTP/1.1"
+    h.send_response(200)
+    h.send_header("Transfer-Encoding", "chunked")
+    h.end_headers()
+    while True:
+        h.wfile.write(b"10000\r\n" + bytes(1 << 16) + b"\r\n")
+
+
+def header_drip(h):
+    """Headers one byte every half second: every read is quick, the response head never completes."""
+    h.wfile.write(b"HTTP/1.1 200 OK\r\n")
+    for _ in range(1000):
+        h.wfile.write(b"X")
+        h.wfile.flush()
+        time.sleep(0.5)
+
+
+@pytest.mark.parametrize(("page", "expected"), [
+    (endless_chunks, "HTTP Error 502: response from {host} passed data.max_bytes = 1000000"),
+    (header_drip, "HTTP Error 504: no complete response from {host} within data.deadline = 2 s"),
+])
+def test_the_proxy_stops_responses_that_never_end(page, expected):
+    with web({"/x": page}) as site, egress_proxy(AddressPolicy.parse([f"127.0.0.1:{site.server_address[1]}"]),
+                                                 deadline=2, timeout=1, max_bytes=10**6) as proxy:
+        start = time.monotonic()
+        with pytest.raises(urllib.error.HTTPError) as err:
+            opener = urllib.request.build_opener(urllib.request.ProxyHandler({"http": proxy.url}))
+            opener.open(f"{site.base}/x", timeout=10)
+        assert str(err.value) == expected.format(host=f"127.0.0.1:{site.server_address[1]}")
+        assert time.monotonic() - start < 2 * 3
+
+
+def test_a_tunnel_is_cut_at_the_deadline():
+    """HTTPS is relayed as bytes: a server that keeps a tunnel busy is cut at data.deadline."""
+    listener = socket.create_server(("127.0.0.1", 0))  # a raw TCP server that sends a byte every half second
+    port = listener.getsockname()[1]
+
+    def serve():
+        conn, _ = listener.accept()
+        with contextlib.suppress(OSError), conn:
+            while True:
+                conn.sendall(b"x")
+                time.sleep(0.5)
+
+    threading.Thread(target=serve, daemon=True).start()
+    with listener, egress_proxy(AddressPolicy.parse([f"127.0.0.1:{port}"]), deadline=2, timeout=1,
+                                max_bytes=10**6) as proxy:
+        client = socket.create_connection(("127.0.0.1", proxy.server_address[1]), timeout=10)
+        start = time.monotonic()
+        client.sendall(f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\n\r\n".encode())
+        received = b""
+        while chunk := client.recv(1024):
+            received += chunk
+        elapsed = time.monotonic() - start
+    assert received.startswith(b"HTTP/1.0 200 Connection established\r\n\r\n") and received.endswith(b"xxx")
+    assert 2 <= elapsed < 2 * 3 and proxy.counts["deadline"] == 1
