@@ -32,7 +32,7 @@ from PIL import ExifTags, Image
 
 from dinorankclip.config import resolve
 from dinorankclip.data.download import build_shards
-from dinorankclip.data.egress import AddressPolicy, egress_proxy
+from dinorankclip.data.egress import AddressPolicy, Limits, egress_proxy
 from dinorankclip.data.source import build_source
 from dinorankclip.data.tsv import clean_caption_list
 from dinorankclip.faults import KILL_ENV
@@ -455,8 +455,8 @@ def header_drip(h):
     (header_drip, "HTTP Error 504: no complete response from {host} within data.deadline = 2 s"),
 ])
 def test_the_proxy_stops_responses_that_never_end(page, expected):
-    with web({"/x": page}) as site, egress_proxy(AddressPolicy.parse([f"127.0.0.1:{site.server_address[1]}"]),
-                                                 deadline=2, timeout=1, max_bytes=10**6) as proxy:
+    policy, limits = AddressPolicy.parse(["127.0.0.1"]), Limits(deadline=2, timeout=1, max_bytes=10**6)
+    with web({"/x": page}) as site, egress_proxy(policy, limits) as proxy:
         start = time.monotonic()
         with pytest.raises(urllib.error.HTTPError) as err:
             opener = urllib.request.build_opener(urllib.request.ProxyHandler({"http": proxy.url}))
@@ -478,9 +478,9 @@ def test_a_tunnel_is_cut_at_the_deadline():
                 time.sleep(0.5)
 
     threading.Thread(target=serve, daemon=True).start()
-    with listener, egress_proxy(AddressPolicy.parse([f"127.0.0.1:{port}"]), deadline=2, timeout=1,
-                                max_bytes=10**6) as proxy:
-        client = socket.create_connection(("127.0.0.1", proxy.server_address[1]), timeout=10)
+    limits = Limits(deadline=2, timeout=1, max_bytes=10**6)
+    with listener, egress_proxy(AddressPolicy.parse([f"127.0.0.1:{port}"]), limits) as proxy:
+        client = socket.create_connection(proxy.address, timeout=10)
         start = time.monotonic()
         client.sendall(f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\n\r\n".encode())
         received = b""

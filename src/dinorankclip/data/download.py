@@ -31,7 +31,7 @@ import pandas as pd
 from PIL import Image
 
 from dinorankclip.data.decode import count_fixes, upright_images
-from dinorankclip.data.egress import AddressPolicy, egress_proxy, routed_through
+from dinorankclip.data.egress import AddressPolicy, Limits, egress_proxy, routed_through
 from dinorankclip.data.server import serve_directory
 from dinorankclip.io import fingerprint, prepare_staging, write_json
 
@@ -65,8 +65,8 @@ def guarded_download(cfg: dict, source_dir: Path) -> Iterator[None]:
         allow.append(f"127.0.0.1:{source['port']}")
         server = serve_directory(source_dir / "www", source["port"])
     policy = AddressPolicy.parse(allow)
-    with server, egress_proxy(policy, data["deadline"], data["timeout"], data["max_bytes"]) as proxy, \
-            routed_through(proxy.url):
+    limits = Limits(deadline=data["deadline"], timeout=data["timeout"], max_bytes=data["max_bytes"])
+    with server, egress_proxy(policy, limits, processes=data["processes"]) as proxy, routed_through(proxy.url):
         yield
     counts = proxy.counts
     log.info("egress: %d http requests, %d https tunnels; %d refused by the address policy, %d unreachable, "

@@ -14,15 +14,18 @@ the address it checked, so a second DNS answer cannot slip past the check.
 - HTTPS arrives as CONNECT: the host is checked (a refusal is a 403 the same way), then bytes are relayed
   (TLS stays end to end). At the deadline, after `data.timeout` of silence, or past the size cap the tunnel is
   cut; the download then fails as a short read, and the cut is counted.
+
+A proxied request costs about 1-1.5 ms of CPU (bench/egress.py), so one Python process would cap a download near
+1,000 requests/s; the proxy runs in as many processes as img2dataset (`data.processes`), on one listening socket.
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import http.client
 import ipaddress
 import logging
+import multiprocessing
 import os
 import re
 import selectors
@@ -101,7 +104,7 @@ def _reason(text: str) -> str:
 
 
 class _Handler(BaseHTTPRequestHandler):
-    server: EgressProxy
+    server: ProxyServer
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002 - the base class's name
         log.debug("egress proxy: " + format, *args)
@@ -268,26 +271,32 @@ def relay(client: socket.socket, upstream: socket.socket, deadline: float, idle:
                         return "too_large"
 
 
-class EgressProxy(socketserver.ThreadingTCPServer):
-    """The proxy on 127.0.0.1 (an ephemeral port), one thread per connection; `counts` tallies what it did."""
+COUNTS = ("http", "https", "refused", "unreachable", "deadline", "idle", "too_large")
+
+
+@dataclass(frozen=True)
+class Limits:
+    deadline: float  # seconds a request may take in all
+    timeout: float  # seconds a connection may stay silent
+    max_bytes: int  # largest response
+
+
+class ProxyServer(socketserver.ThreadingTCPServer):
+    """One proxy process: accepts on the shared listening socket, one thread per connection, and tallies what it
+    did in `shared` (counts of all processes, in COUNTS order)."""
 
     daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 1024  # img2dataset opens processes x threads connections at once
 
-    def __init__(self, policy: AddressPolicy, deadline: float, timeout: float, max_bytes: int) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
-        self.policy, self.deadline, self.timeout, self.max_bytes = policy, deadline, timeout, max_bytes
-        self.counts: collections.Counter[str] = collections.Counter()
-        self._lock = threading.Lock()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
+    def __init__(self, listener: socket.socket, policy: AddressPolicy, limits: Limits, shared) -> None:
+        super().__init__(listener.getsockname(), _Handler, bind_and_activate=False)
+        self.socket.close()
+        self.socket = listener
+        self.policy, self.shared = policy, shared
+        self.deadline, self.timeout, self.max_bytes = limits.deadline, limits.timeout, limits.max_bytes
 
     def count(self, what: str) -> None:
-        with self._lock:
-            self.counts[what] += 1
+        with self.shared.get_lock():
+            self.shared[COUNTS.index(what)] += 1
 
     def resolve(self, host: str, port: int) -> str:
         """The first address `host` resolves to, if the policy lets the download reach every one of them."""
@@ -300,18 +309,48 @@ class EgressProxy(socketserver.ThreadingTCPServer):
         return addresses[0]
 
 
+def _serve(listener: socket.socket, policy: AddressPolicy, limits: Limits, shared) -> None:
+    ProxyServer(listener, policy, limits, shared).serve_forever()
+
+
+@dataclass
+class EgressProxy:
+    """A running proxy: where it listens, and what its processes did so far."""
+
+    address: tuple[str, int]
+    shared: object
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address[0]}:{self.address[1]}"
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return dict(zip(COUNTS, self.shared[:], strict=True))
+
+
 @contextlib.contextmanager
-def egress_proxy(policy: AddressPolicy, deadline: float, timeout: float, max_bytes: int) -> Iterator[EgressProxy]:
-    """Run an `EgressProxy` for the duration of the block."""
-    server = EgressProxy(policy, deadline, timeout, max_bytes)
-    thread = threading.Thread(target=server.serve_forever, name="egress-proxy", daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+def egress_proxy(policy: AddressPolicy, limits: Limits, processes: int = 1) -> Iterator[EgressProxy]:
+    """Run the proxy on 127.0.0.1 (an ephemeral port) for the duration of the block, in `processes` processes
+    sharing one listening socket (the kernel spreads the connections), so it is not held to one core's worth of
+    Python under one GIL. A process that died during the block is an error: its connections were lost."""
+    context = multiprocessing.get_context("spawn")
+    shared = context.Array("q", len(COUNTS))
+    with socket.create_server(("127.0.0.1", 0), backlog=1024) as listener:  # processes x threads connect at once
+        workers = [context.Process(target=_serve, args=(listener, policy, limits, shared), daemon=True,
+                                   name=f"egress-proxy-{i}") for i in range(processes)]
+        for worker in workers:
+            worker.start()
+        try:
+            yield EgressProxy(listener.getsockname(), shared)
+        finally:
+            dead = [worker.exitcode for worker in workers if not worker.is_alive()]
+            for worker in workers:
+                worker.terminate()
+                worker.join()
+        if dead:
+            raise RuntimeError(f"{len(dead)} of {processes} egress proxy processes died (exit codes {dead}); "
+                               "the downloads they held failed")
 
 
 @contextlib.contextmanager
