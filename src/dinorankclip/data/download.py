@@ -5,7 +5,9 @@ download resumes where it stopped; a fingerprint of the caption list and the dow
 resuming into shards made from something else. When it finishes, every shard is rewritten in key order with
 every image decoded once more (a sample that fails is removed and counted), the per-URL status img2dataset
 records is tallied into dead links and undecodable files (`downloads.tsv`, `stats.json`), and the shards are
-linked into the output with a wids index.
+linked into the output with a wids index. Every request goes through the egress proxy (`egress`: address policy,
+deadline, size cap), and images are turned upright and brought to 8 bits before img2dataset resizes them
+(`decode`).
 
 The output is built whole before it is published (one rename, by the caller), and the staging folder stays until
 then, so a kill at any point leaves either the previous output or the complete new one, and a rerun finds its
