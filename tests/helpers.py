@@ -21,16 +21,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def tiny_world_params() -> dict:
+    """params.yaml with the demo study shrunk to a 40-image world (3 dead links, 4 undecodable files) on a free
+    port."""
+    params = repo_params()
+    demo = params["studies"]["demo"]
+    demo["source"]["port"] = free_port()
+    demo["source"]["world"].update(train_scenes=40, eval_size=24, retrieval_size=10, probe_train_size=10,
+                                   dead_links=3, corrupt_files=4, malformed_rows=4)
+    demo["data"].update(shard_size=16, processes=1, threads=4)
+    return params
+
+
 def tiny_world_cfg() -> dict:
-    """The demo study resolved with a 40-image world (3 dead links, 4 undecodable files) on a free port."""
+    """The demo study of `tiny_world_params`, resolved."""
     from dinorankclip.config import resolve
 
-    cfg = resolve(repo_params(), "demo")
-    cfg["source"]["port"] = free_port()
-    cfg["source"]["world"].update(train_scenes=40, eval_size=24, retrieval_size=10, probe_train_size=10, dead_links=3,
-                                  corrupt_files=4, malformed_rows=4)
-    cfg["data"].update(shard_size=16, processes=1, threads=4)
-    return cfg
+    return resolve(tiny_world_params(), "demo")
 
 
 def snapshot_repo(dest: Path) -> Path:

@@ -51,7 +51,8 @@ def test_shards_hold_exactly_the_valid_images(downloaded):
                 if member.name.endswith(".jpg"):
                     Image.open(io.BytesIO(tar.extractfile(member).read())).load()
     assert all("/train/" in url for url in urls) and len(urls) == 40  # no broken/ or gone/ url made it in
-    assert not (data.parent / "staging").exists()  # staging is removed once the shards moved
+    # the staging keeps every shard (a hard link of the output's) until the caller has published the output
+    assert (data.parent / "staging" / "shards" / "00000.tar").samefile(data / "shards" / "00000.tar")
 
 
 def test_verification_removes_a_sample_that_does_not_decode(downloaded, tmp_path):

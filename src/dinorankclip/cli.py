@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from dinorankclip.config import (
     seeded,
     suite_names,
 )
+from dinorankclip.faults import kill_point
 from dinorankclip.io import atomic_dir, atomic_write_bytes, write_json
 from dinorankclip.layout import stage_dir, state_dir, study_dir
 
@@ -57,6 +59,9 @@ def cmd_data(cfg: dict, args, tracker) -> None:
     with atomic_dir(stage_dir(study, "data")) as out:
         stats = build_shards(cfg, stage_dir(study, "source"), state_dir(study, "data"), out)
         write_config(cfg, out)
+        kill_point("data:publish")
+    kill_point("data:published")
+    shutil.rmtree(state_dir(study, "data"))  # the staging goes only once the output it made is published
     tracker.log_metrics({k: v for k, v in stats.items() if isinstance(v, int)}, step=0)
     tracker.log_artifact(stage_dir(study, "data") / "stats.json")
 

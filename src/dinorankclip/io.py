@@ -1,14 +1,19 @@
-"""Atomic writes: a killed job leaves either the previous artifact or none, never a half-written one."""
+"""Atomic writes: a killed job leaves either the previous artifact or none, never a half-written one.
+
+Temporary files and folders are created with the modes the user's umask gives (not the 0600/0700 of `tempfile`),
+so outputs on a shared cluster filesystem are as readable to the group as anything else the user writes.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import logging
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -16,12 +21,29 @@ from typing import Any, BinaryIO
 log = logging.getLogger(__name__)
 
 
+def _temporary_name(path: Path) -> Path:
+    """A hidden name beside `path` (`.<name>.tmp-<random>`) for the temporary that will be renamed over it."""
+    return path.with_name(f".{path.name}.tmp-{secrets.token_hex(6)}")
+
+
+def remove_leftovers(final: Path) -> None:
+    """Remove the temporary folders of `final` that a killed job left behind (one job writes an output at a time:
+    Snakemake and DVC lock their outputs)."""
+    for leftover in final.parent.glob(f".{glob.escape(final.name)}.tmp-*"):
+        log.info("removing %s, left by a job that was killed while writing %s", leftover, final)
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
-    """Yield a fresh temporary directory next to `final`; on success it replaces `final` in one rename."""
+    """Yield a fresh temporary directory next to `final`; on success it replaces `final` in one rename.
+
+    Leftovers of an earlier killed attempt at `final` are removed first."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    remove_leftovers(final)
+    tmp = _temporary_name(final)
+    tmp.mkdir(mode=0o777)  # the umask applies
     try:
         yield tmp
         if final.exists():
@@ -38,7 +60,8 @@ def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
     block ends; removed, leaving `path` as it was, if the block raises."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    tmp = _temporary_name(path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)  # the umask applies
     try:
         with os.fdopen(fd, "wb") as f:
             yield f
@@ -46,7 +69,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 

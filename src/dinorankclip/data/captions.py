@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from dinorankclip.data.loader import decode_image, open_shards
+from dinorankclip.data.tsv import BARE_CR, NON_UTF8, REPAIRS, read_lines
 from dinorankclip.io import fingerprint, prepare_staging, read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -44,13 +45,16 @@ def read_caption_file(path: Path) -> tuple[str, dict[str, str], dict]:
     if not path.is_file():
         raise FileNotFoundError(f"captions.file: {path} does not exist (a TSV with a 'url<TAB>caption' or "
                                 f"'key<TAB>caption' header)")
-    lines = path.read_text(encoding="utf-8").splitlines()
-    header = lines[0].split("\t") if lines else []
+    lines = list(read_lines(path))
+    header = lines[0][1].split("\t") if lines else []
     if len(header) != 2 or header[0] not in JOIN_COLUMNS or header[1] != "caption":
         raise ValueError(f"captions.file: {path} line 1 must be the header 'url<TAB>caption' or "
-                         f"'key<TAB>caption', not {lines[0]!r}" if lines else f"captions.file: {path} is empty")
+                         f"'key<TAB>caption', not {lines[0][1]!r}" if lines else f"captions.file: {path} is empty")
     captions, malformed, duplicates = {}, [], 0
-    for number, line in enumerate(lines[1:], start=2):
+    repaired = {NON_UTF8: [], BARE_CR: []}
+    for number, line, repairs in lines[1:]:
+        for repair in repairs:
+            repaired[repair].append(number)
         fields = line.split("\t")
         if len(fields) != 2 or not fields[0].strip() or not fields[1].strip():
             malformed.append(number)
@@ -58,11 +62,13 @@ def read_caption_file(path: Path) -> tuple[str, dict[str, str], dict]:
         key, caption = fields[0].strip(), fields[1].strip()
         duplicates += key in captions
         captions[key] = caption
-    if malformed:
-        log.warning("%s: %d malformed rows skipped (lines %s%s)", path, len(malformed),
-                    ", ".join(map(str, malformed[:SHOWN])), ", ..." if len(malformed) > SHOWN else "")
+    for what, numbers in [("malformed rows skipped", malformed), *((REPAIRS[k], v) for k, v in repaired.items())]:
+        if numbers:
+            log.warning("%s: %d rows: %s (lines %s%s)", path, len(numbers), what,
+                        ", ".join(map(str, numbers[:SHOWN])), ", ..." if len(numbers) > SHOWN else "")
     return header[0], captions, {"rows": len(lines) - 1, "malformed_rows": len(malformed),
-                                 "malformed_lines": malformed[:SHOWN], "duplicate_keys": duplicates}
+                                 "malformed_lines": malformed[:SHOWN], "duplicate_keys": duplicates,
+                                 "repaired": {k: len(v) for k, v in repaired.items()}}
 
 
 def join_key(sample: dict, column: str) -> str:

@@ -46,6 +46,7 @@ def build_source(cfg: dict, out: Path) -> dict:
         fetch(source["tsv"], raw)
     tsv_stats = clean_caption_list(raw, out / "train.tsv")
     stats.update(rows=tsv_stats.rows, kept=tsv_stats.kept, malformed=tsv_stats.malformed,
-                 malformed_reasons=tsv_stats.reasons)
+                 malformed_reasons=tsv_stats.reasons, duplicate_urls=tsv_stats.duplicate_urls,
+                 repaired=tsv_stats.repaired)
     write_json(out / "source_stats.json", stats)
     return stats
