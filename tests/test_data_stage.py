@@ -146,3 +146,28 @@ def test_downloads_manifest_lists_every_url_in_key_order(downloaded):
     assert (table["status"] == "success").sum() == 40
     assert set(table.loc[table["url"].str.contains("/gone/"), "status"]) == {"failed_to_download"}
     assert set(table.loc[table["url"].str.contains("/broken/"), "status"]) == {"failed_to_resize"}
+
+
+def test_a_validation_list_is_downloaded_beside_the_training_shards(tmp_path):
+    """A study's own validation pairs (`source.validation_tsv`, CC3M's validation list at paper scale) go through the
+    same cleaning and download into data/val, with their own index and counts."""
+    cfg = tiny_world_cfg()
+    (tmp_path / "source").mkdir()
+    (tmp_path / "data").mkdir()
+    build_source(cfg, tmp_path / "source")
+    rows = (tmp_path / "source" / "train.tsv").read_text().splitlines()
+    validation = tmp_path / "validation-list.tsv"  # Google's layout: caption<TAB>url, no header
+    validation.write_text("\n".join(rows[1:7] + ["not a row", rows[1]]) + "\n")
+    cfg["source"]["validation_tsv"] = str(validation)
+    source = tmp_path / "source-with-validation"
+    source.mkdir()
+    stats_source = build_source(cfg, source)
+    assert stats_source["validation"]["kept"] == 6 and stats_source["validation"]["malformed"] == 1
+    assert stats_source["validation"]["duplicate_urls"] == 1
+    stats = build_shards(cfg, source, tmp_path / "staging", tmp_path / "data")
+    val = read_json(tmp_path / "data" / "val" / "shards.json")
+    stored = sum(entry["nsamples"] for entry in val["shardlist"])
+    assert stats["validation"]["urls"] == 6 and stats["validation"]["stored"] == stored
+    assert stored == sum(1 for row in rows[1:7] if "/train/" in row) > 0
+    assert val["name"] == f"{cfg['study']}-validation" and read_json(tmp_path / "data" / "stats.json") == stats
+    assert stats["stored"] == 40  # the training shards are as without a validation list

@@ -39,7 +39,8 @@ def inputs(tmp_path_factory):
     file = root / "synthetic.tsv"
     file.write_text("key\tcaption\n" + "".join(f"{k}\ta longer description of {k}\n" for ks in keys.values()
                                                 for k in ks[::2]))  # every other image: the rest keep their own
-    build_captions({"study": "demo", "captions": {"file": str(file)}}, root / "data", root / "captions")
+    build_captions({"study": "demo", "captions": {"source": "file", "file": str(file)}}, root / "data",
+                   root / "captions-staging", root / "captions")
     return root / "data", {"teacher": root / "teacher", "teacher_weights": root / "unused",
                            "captions": root / "captions"}
 
@@ -235,3 +236,21 @@ def test_a_step_cap_ends_the_run_part_way_and_the_schedule_spans_the_capped_run(
     assert max(capped.metrics) == 4 and "val_loss" in capped.metrics[4]
     # warmup (2 steps) then a cosine over the remaining 2 capped steps, not over the 4 of the full run
     assert capped.metrics[2]["lr"] == full.metrics[2]["lr"] and capped.metrics[4]["lr"] < full.metrics[4]["lr"]
+
+
+def test_a_validation_list_validates_every_run_on_its_pairs_and_training_keeps_all_pairs(inputs, tmp_path):
+    """With data/val (a study's own validation list), training uses every training pair, validation reads the
+    first val_samples pairs of the list — without teacher features or second captions, which only training needs —
+    and selects on the CLIP loss; the run's own objective is not claimed for pairs that lack its inputs."""
+    import shutil
+
+    data_dir, stages = inputs
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    make_image_shards(data / "val", [12])
+    recorder = Recorder()
+    metrics = train(run_cfg("drc-r3", val_samples=10, batch_size=16), (data, stages), tmp_path, "listed", recorder)
+    assert metrics["steps"] == 2 * (64 // 16)  # all 64 training pairs: 4 steps an epoch
+    assert len(metrics["val_loss"]) == 2 and all(v is None for v in metrics["val_objective"])
+    assert metrics["best_epoch"] in (0, 1) and "transition/gamma_3" in metrics["strength"]
+    assert "injection/angle_deg" in metrics["strength"]

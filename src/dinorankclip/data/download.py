@@ -35,6 +35,7 @@ from PIL import Image
 from dinorankclip.data.decode import count_fixes, upright_images
 from dinorankclip.data.egress import AddressPolicy, Limits, egress_proxy, routed_through
 from dinorankclip.data.server import serve_directory
+from dinorankclip.data.source import VALIDATION_TSV
 from dinorankclip.io import fingerprint, prepare_staging, write_json
 
 log = logging.getLogger(__name__)
@@ -220,12 +221,24 @@ def shard_index(shards: list[Path], name: str) -> dict:
 
 
 def build_shards(cfg: dict, source_dir: Path, staging: Path, out: Path) -> dict:
-    """Download into `staging`, verify, and write the complete output (shards, index, manifest, stats) into `out`.
+    """Download the training list into `staging`, verify, and write the complete output (shards, index, manifest,
+    stats) into `out`; the study's validation list, when the source stage wrote one, likewise into `out/val`
+    (staging `staging/val`, started afresh with the training staging), with its stats under `validation`.
 
     `staging` is left in place: the caller removes it once `out` is published.
     """
+    stats = build_split(cfg, source_dir, source_dir / "train.tsv", staging, out, "train")
+    if (source_dir / VALIDATION_TSV).is_file():
+        (out / "val").mkdir()
+        stats["validation"] = build_split(cfg, source_dir, source_dir / VALIDATION_TSV, staging / "val", out / "val",
+                                          "validation")
+        write_json(out / "stats.json", stats)
+    return stats
+
+
+def build_split(cfg: dict, source_dir: Path, tsv: Path, staging: Path, out: Path, split: str) -> dict:
+    """One caption list downloaded into `staging` and written, verified, into `out` (see `build_shards`)."""
     data = cfg["data"]
-    tsv = source_dir / "train.tsv"
     prepare_staging(staging, fingerprint([tsv], data))
     shard_dir = staging / "shards"
     forget_lost_shards(shard_dir)
@@ -242,11 +255,11 @@ def build_shards(cfg: dict, source_dir: Path, staging: Path, out: Path) -> dict:
     (out / "shards").mkdir()
     for shard in shards:
         link_or_copy(shard, out / "shards" / shard.name)
-    index = shard_index(sorted((out / "shards").glob("*.tar")), f"{cfg['study']}-train")
+    index = shard_index(sorted((out / "shards").glob("*.tar")), f"{cfg['study']}-{split}")
     check_counts(stats, index, tsv)
     outcomes.drop(columns=["shard", "sha256"]).to_csv(out / "downloads.tsv", sep="\t", index=False)
     write_json(out / "shards.json", index)
     write_json(out / "stats.json", stats)
-    log.info("stored %d of %d images: %d dead links, %d undecodable; fixed before resizing: %s",
+    log.info("%s: stored %d of %d images: %d dead links, %d undecodable; fixed before resizing: %s", split,
              stats["stored"], stats["urls"], stats["dead_links"], stats["corrupt"], stats["fixed"])
     return stats

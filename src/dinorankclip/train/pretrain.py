@@ -103,6 +103,20 @@ def batch_to(batch, device: torch.device):
                  for x in (batch.images, batch.tokens, batch.teacher, batch.captions))
 
 
+def validation_split(dataset: ShardPairs, data_dir: Path, transform, tokenizer, opt: dict, study_seed: int
+                     ) -> tuple[ShardPairs, list[int], list[int]]:
+    """(validation set, training indices, validation indices): the study's own validation list when
+    the data stage downloaded one (`data/val`: its first `val_samples` pairs, read without teacher features or second
+    captions, which only training needs; every training pair trains), else a seeded held-out slice of the training
+    pairs, the same for every run and seed (METHOD.md §6a)."""
+    val_index = data_dir / "val" / "shards.json"
+    if not val_index.is_file():
+        train_idx, val_idx = split_indices(len(dataset), opt["val_samples"], study_seed)
+        return dataset, train_idx, val_idx
+    validation = ShardPairs(val_index, transform, tokenizer)
+    return validation, list(range(len(dataset))), list(range(min(opt["val_samples"], len(validation))))
+
+
 def captions_index(cfg: dict, stage_dirs: dict[str, Path]) -> Path | None:
     """The captions stage's index when the run reads second captions (ALIP, caption sampling), else None."""
     return stage_dirs["captions"] / "captions.json" if reads_captions(cfg) else None
@@ -117,7 +131,8 @@ def validate(step_module: TrainStep, dataset: ShardPairs, batches: GlobalBatches
              total_steps: int, precision: str) -> dict[str, float]:
     """Means over the held-out global batches, in eval mode, at the current step: `val_loss`, the plain CLIP loss
     on the raw captions that selects `best/` for every run alike (METHOD.md §6a); `val_objective`, the run's own
-    objective; and the strength statistics of the injection and of the transition heads (`injection/*`,
+    objective, where the validation pairs carry what it reads (a study's own validation list has no teacher features
+    or second captions); and the strength statistics of the injection and of the transition heads (`injection/*`,
     `transition/*`)."""
     step_module.eval()
     sums: dict[str, torch.Tensor] = {}
@@ -126,7 +141,7 @@ def validate(step_module: TrainStep, dataset: ShardPairs, batches: GlobalBatches
         images, tokens, teacher, captions = batch_to(batch, world.device)
         with autocast(world.device, precision):
             loss, terms = step_module(images, tokens, teacher, step, total_steps, captions)
-        values = {"val_loss": terms["selection/clip"], "val_objective": loss.detach().float(),
+        values = {"val_loss": terms["selection/clip"], **({} if loss is None else {"val_objective": loss.detach()}),
                   **{k: v for k, v in terms.items() if k.startswith(STRENGTH_PREFIXES)}}
         sums = {k: sums.get(k, 0) + v.float() for k, v in values.items()}
         count += 1
@@ -173,9 +188,10 @@ def pretrain(cfg: dict, data_dir: Path, stage_dirs: dict[str, Path], out: Path |
 
     import open_clip
 
-    dataset = ShardPairs(data_dir / "shards.json", transform, open_clip.get_tokenizer(cfg["model"]["arch"]), features,
-                         captions_index(cfg, stage_dirs))
-    train_idx, val_idx = split_indices(len(dataset), opt["val_samples"], cfg["study_seed"])
+    tokenizer = open_clip.get_tokenizer(cfg["model"]["arch"])
+    dataset = ShardPairs(data_dir / "shards.json", transform, tokenizer, features, captions_index(cfg, stage_dirs))
+    val_dataset, train_idx, val_idx = validation_split(dataset, data_dir, transform, tokenizer, opt,
+                                                       cfg["study_seed"])
     batches = GlobalBatches(train_idx, opt["batch_size"], cfg["seed"], world.rank, world.size)
     val_batches = (GlobalBatches(val_idx, min(opt["batch_size"], len(val_idx) // world.size * world.size),
                                  cfg["seed"], world.rank, world.size, shuffle=False) if val_idx else None)
@@ -291,7 +307,8 @@ def pretrain(cfg: dict, data_dir: Path, stage_dirs: dict[str, Path], out: Path |
                         break
                 t_data = time.perf_counter()
             if not rolled_back:
-                end_epoch(progress, epoch, step_module, dataset, val_batches, world, total_steps, opt, tracker, state)
+                end_epoch(progress, epoch, step_module, val_dataset, val_batches, world, total_steps, opt, tracker,
+                          state)
                 save(state / checkpoint.LATEST)
     bar.close()
     if not world.main:
@@ -360,7 +377,7 @@ def end_epoch(progress: Progress, epoch: int, step_module: TrainStep, dataset: S
     if val_batches is not None:
         val = validate(step_module, dataset, val_batches, world, progress.step, total_steps, opt["precision"])
         progress.val_losses.append(val["val_loss"])
-        progress.val_objectives.append(val["val_objective"])
+        progress.val_objectives.append(val.get("val_objective"))
         progress.strength = {k: v for k, v in val.items() if k.startswith(STRENGTH_PREFIXES)}
         metrics.update({k if k.startswith("val_") else f"val/{k}": v for k, v in val.items()})
         if val["val_loss"] < progress.best_val:
@@ -371,8 +388,7 @@ def end_epoch(progress: Progress, epoch: int, step_module: TrainStep, dataset: S
     tracker.log_metrics(metrics, progress.step)
     if world.main:
         log.info("epoch %d: train loss %.4f%s", epoch, metrics["epoch_train_loss"],
-                 f", validation CLIP loss {metrics['val_loss']:.4f} (objective {metrics['val_objective']:.4f})"
-                 if "val_loss" in metrics else "")
+                 f", validation CLIP loss {metrics['val_loss']:.4f}" if "val_loss" in metrics else "")
 
 
 def export(cfg: dict, model: nn.Module, spec: dict | None, progress: Progress, state: Path, out: Path,

@@ -27,7 +27,8 @@ class NonFiniteLoss(FloatingPointError):
 
 class TrainStep(nn.Module):
     """student + objective of the run resolved in `cfg`; `forward(images, tokens, teacher, step, total_steps,
-    captions)` → (loss, detached terms).
+    captions)` → (loss, detached terms); in eval mode the terms add the CLIP selection criterion, and the loss is
+    None where the batch lacks what the objective reads (see `forward`).
 
     `captions` (the second caption of each image, or None) feed the run's caption sampling (`captions.sampling`)
     and an objective that reads both texts (ALIP).
@@ -42,15 +43,21 @@ class TrainStep(nn.Module):
         self.reads_captions = getattr(objective, "uses_captions", False)
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor, teacher: torch.Tensor | None, step: int,
-                total_steps: int, captions: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+                total_steps: int, captions: torch.Tensor | None = None) -> tuple[torch.Tensor | None, dict]:
         if self.p_synthetic and self.training:  # validation reads the raw captions (METHOD.md §6a)
             tokens = sample_captions(tokens, captions, self.p_synthetic, self.seed, step)
         out = self.student(images, tokens, teacher, captions if self.reads_captions else None, step)
-        extra = {"caption": out.caption.float()} if self.reads_captions else {}
+        # validation pairs of a study's own list carry no second captions or teacher features: the objective then
+        # runs on what it can (its transition terms), but its value is not the run's objective and is not returned
+        runnable = not (self.reads_captions and out.caption is None)
+        complete = runnable and not (self.student.distill is not None and out.distill is None)
+        if self.training and not complete:
+            raise ValueError("a training batch lacks the second captions this run's objective reads")
+        extra = {"caption": out.caption.float()} if self.reads_captions and runnable else {}
         # the objective (and the distillation terms) run in fp32 whatever the autocast of the towers
         with torch.autocast(device_type=images.device.type, enabled=False):
             loss, terms = self.objective(out.image.float(), out.text.float(), out.scale.float(), step, total_steps,
-                                         gather=self.gather, **extra)
+                                         gather=self.gather, **extra) if runnable else (None, {})
             if out.distill is not None:
                 kd_weight = distill_weight(self.injection, self.loss_cfg, step, total_steps)
                 loss = loss + kd_weight * distill_loss(out.distill, self.injection)
@@ -65,7 +72,7 @@ class TrainStep(nn.Module):
                                                     gather=self.gather).detach()
         terms.update({f"injection/{k}": v for k, v in (out.strength or {}).items()})
         terms["logit_scale"] = out.scale.detach()
-        return loss, terms
+        return (loss if complete else None), terms
 
     def after_step(self) -> None:
         """Updates that follow the optimizer step: the patch objective's head-only EMA."""

@@ -74,10 +74,10 @@ class Student(nn.Module):
         features = self.model.visual.features(images)
         if self.online_teacher is not None:
             teacher_maps = self.online_teacher(images)
-        if teacher_maps is None:
+        if teacher_maps is None and self.training:
             raise ValueError("this run distils from the teacher, but the batch has no teacher features")
-        return StepOutput(F.normalize(features.z, dim=-1), text, scale, self.distill(features.maps, teacher_maps),
-                          caption, strength=features.strength)
+        distill = None if teacher_maps is None else self.distill(features.maps, teacher_maps)  # validation may lack it
+        return StepOutput(F.normalize(features.z, dim=-1), text, scale, distill, caption, strength=features.strength)
 
 
 def distill_weight(injection: dict, loss: dict, step: int, total_steps: int) -> float:
