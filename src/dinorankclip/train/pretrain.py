@@ -34,7 +34,8 @@ from dinorankclip.train.student import Student, distills
 
 log = logging.getLogger(__name__)
 # settings that change how a run is executed or observed, not what it computes: a checkpoint stays valid
-EXECUTION_KEYS = ("threads", "workers", "log_every", "checkpoint_every", "resume", "compile", "grad_checkpointing")
+EXECUTION_KEYS = ("threads", "workers", "log_every", "checkpoint_every", "resume", "compile", "grad_checkpointing",
+                  "sample_cache_mb")
 RUN_ID_FILE = "mlflow_run.json"
 
 
@@ -142,7 +143,7 @@ def pretrain(cfg: dict, data_dir: Path, stage_dirs: dict[str, Path], out: Path |
     import open_clip
 
     dataset = ShardPairs(data_dir / "shards.json", transform, open_clip.get_tokenizer(cfg["model"]["arch"]), features,
-                         captions_index(cfg, stage_dirs))
+                         captions_index(cfg, stage_dirs), opt["sample_cache_mb"])
     train_idx, val_idx = split_indices(len(dataset), opt["val_samples"], cfg["seed"])
     batches = GlobalBatches(train_idx, opt["batch_size"], cfg["seed"], world.rank, world.size)
     val_batches = (GlobalBatches(val_idx, min(opt["batch_size"], len(val_idx) // world.size * world.size),
