@@ -10,7 +10,9 @@ import argparse
 import contextlib
 import logging
 import os
+import re
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -35,6 +37,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 
+# The job's fixed cost, logged once its stage's code is imported and its MLflow run started (bench/demo_cost.py)
+STARTUP = re.compile(r"start-up: (?P<wall>[\d.]+) s wall, (?P<cpu>[\d.]+) CPU-s")
+
+
+def process_age() -> float:
+    """Wall seconds since this process started (Linux: its start time in clock ticks after boot, from /proc)."""
+    ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+    return float(Path("/proc/uptime").read_text().split()[0]) - ticks / os.sysconf("SC_CLK_TCK")
+
+
+def log_startup() -> None:
+    """Log what the job spent before its stage's work: interpreter, imports, configuration and MLflow."""
+    log.info("start-up: %.2f s wall, %.2f CPU-s (imports, configuration, MLflow) before the stage's work",
+             process_age(), time.process_time())
+
+
 def write_config(cfg: dict, out: Path) -> None:
     (out / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
 
@@ -42,6 +60,7 @@ def write_config(cfg: dict, out: Path) -> None:
 def cmd_source(cfg: dict, args, tracker) -> None:
     from dinorankclip.data.source import build_source
 
+    log_startup()
     with atomic_dir(stage_dir(cfg["study"], "source")) as out:
         stats = build_source(cfg, out)
         write_config(cfg, out)
@@ -51,6 +70,7 @@ def cmd_source(cfg: dict, args, tracker) -> None:
 def cmd_data(cfg: dict, args, tracker) -> None:
     from dinorankclip.data.download import build_shards
 
+    log_startup()
     study = cfg["study"]
     with atomic_dir(stage_dir(study, "data")) as out:
         stats = build_shards(cfg, stage_dir(study, "source"), state_dir(study, "data"), out)
@@ -62,6 +82,7 @@ def cmd_data(cfg: dict, args, tracker) -> None:
 def cmd_teacher_weights(cfg: dict, args, tracker) -> None:
     from dinorankclip.models.teacher import build_teacher_weights
 
+    log_startup()
     study = cfg["study"]
     with atomic_dir(stage_dir(study, "teacher_weights")) as out:
         stats = build_teacher_weights(cfg, stage_dir(study, "source"), stage_dir(study, "data"), out)
@@ -73,6 +94,7 @@ def cmd_teacher_weights(cfg: dict, args, tracker) -> None:
 def cmd_teacher(cfg: dict, args, tracker) -> None:
     from dinorankclip.data.features import build_feature_cache
 
+    log_startup()
     study = cfg["study"]
     with atomic_dir(stage_dir(study, "teacher")) as out:
         stats = build_feature_cache(cfg, stage_dir(study, "data"), stage_dir(study, "teacher_weights"),
@@ -84,6 +106,7 @@ def cmd_teacher(cfg: dict, args, tracker) -> None:
 def cmd_captions(cfg: dict, args, tracker) -> None:
     from dinorankclip.data.captions import build_captions
 
+    log_startup()
     study = cfg["study"]
     with atomic_dir(stage_dir(study, "captions")) as out:
         stats = build_captions(cfg, stage_dir(study, "data"), out)
@@ -95,6 +118,7 @@ def cmd_pretrain(cfg: dict, args, tracker) -> None:
     """Rank 0 writes the output directory; under torchrun the other ranks train alongside and write nothing."""
     from dinorankclip.train.pretrain import pretrain
 
+    log_startup()
     study, run = cfg["study"], cfg["run"]
     inputs = (stage_dir(study, "data"), {name: stage_dir(study, name) for name in READ_BY_PRETRAIN})
     state = state_dir(study, "pretrain", run)
@@ -117,6 +141,7 @@ def finetune_dirs(cfg: dict) -> dict[str, Path]:
 def cmd_finetune(cfg: dict, args, tracker) -> None:
     from dinorankclip.train.finetune import finetune
 
+    log_startup()
     study = cfg["study"]
     with atomic_dir(stage_dir(study, "finetune", cfg["run"])) as out:
         write_config(cfg, out)
@@ -134,6 +159,7 @@ def preflight_finetune(cfg: dict, args) -> None:
 def cmd_evaluate(cfg: dict, args, tracker) -> None:
     from dinorankclip.eval.suites import evaluate_run
 
+    log_startup()
     study = cfg["study"]
     model_dir = stage_dir(study, args.model_stage, cfg["run"]) / "model"
     with atomic_dir(stage_dir(study, "evaluate", cfg["run"])) as out:
@@ -146,6 +172,7 @@ def cmd_evaluate(cfg: dict, args, tracker) -> None:
 def cmd_report(cfg: dict, args, tracker) -> None:
     from dinorankclip.report.build import build_report
 
+    log_startup()
     study = cfg["study"]
     with atomic_dir(stage_dir(study, "report")) as out:
         build_report(args.report_spec, study_dir(study), out)
