@@ -2,6 +2,7 @@
 of each PIL image), the size budget that keeps the paper path streaming, the start-up line every job logs, and
 bench/demo_cost.py's table from Snakemake benchmark files."""
 
+import json
 import logging
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import sys
 import open_clip
 import pytest
 import torch
-from helpers import make_image_shards, repo_params, write_features
+from helpers import REPO, make_image_shards, repo_params, write_features
 from safetensors.torch import load_file
 
 from dinorankclip import cli
@@ -123,3 +124,71 @@ def test_the_start_up_line_states_the_seconds_since_the_process_started():
     assert found, done.stderr
     assert 1.5 <= float(found["wall"]) < 60
     assert 0 < float(found["cpu"]) < float(found["wall"])  # sleeping costs no CPU
+
+
+HEADER = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
+
+
+def study_results(root, jobs: dict[str, list[tuple]], logs: dict[str, tuple[float, float]]):
+    """Benchmark files (rows of (s, max_rss, cpu_time) per job) and job logs (start-up, whole CPU-s) under root."""
+    for job, rows in jobs.items():
+        path = root / "benchmarks" / f"{job}.tsv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(HEADER + "".join(f"{s}\t0:00:00\t{rss}\t1\t1\t1\t0\t0\t50\t{cpu}\n" for s, rss, cpu in rows))
+    for job, (startup, whole) in logs.items():
+        path = root / "logs" / f"{job}.log"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("INFO something else\n" + f"INFO dinorankclip: {cli.STARTUP_LINE % (9.5, startup)}\n"
+                        f"step 10/240 loss 3.1\nINFO dinorankclip: {cli.FINISHED_LINE % (99.0, whole)}\n")
+    return root
+
+
+def demo_cost(*args):
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "demo_cost.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_the_cost_table_reads_benchmarks_and_the_logged_split(tmp_path):
+    this = study_results(tmp_path / "this", {
+        "pretrain/clip": [(100, 1000, 60)], "pretrain/drc-r3": [(120, 1200, 80)],
+        "evaluate/clip": [(20, 900, 14)], "evaluate/drc-r3": [(22, 950, 15), (26, 950, 17)],  # repeats: their mean
+        "report/report": [(5, "NA", "NA")]},  # too short for Snakemake to sample
+        {"pretrain/clip": (10.0, 70.0), "pretrain/drc-r3": (12.0, 90.0)})
+    other = study_results(tmp_path / "other", {
+        "pretrain/clip": [(200, 1000, 100)], "pretrain/drc-r3": [(240, 1000, 140)],
+        "evaluate/clip": [(40, 900, 30)], "evaluate/drc-r3": [(48, 900, 30)]}, {})
+    out = demo_cost(this, "--compare", other, "--out", tmp_path / "cost.json").splitlines()
+    assert out[1:6] == [
+        "stage     jobs  CPU-s/job   min   max  CPU-s all  wall-s/job  start-up  work  RSS MB",
+        "evaluate     2       15.0  14.0  16.0       30.0        22.0         -     -     950",
+        "pretrain     2       80.0  70.0  90.0      160.0       110.0      11.0  69.0    1200",
+        "report       1          -     -     -          -         5.0         -     -       -",
+        "all          5       47.5  14.0  90.0      190.0        53.8      11.0  69.0    1200"]
+    # pretrain logs its CPU here but not there: both sides by cpu_time, (60 + 80) / 2 against (100 + 140) / 2
+    assert out[8:12] == [
+        "stage     CPU/job ratio    measure  wall/job ratio",
+        "evaluate           0.50  benchmark            0.50",
+        "pretrain           0.58  benchmark            0.50",
+        "all                0.57  benchmark            0.41"]
+    saved = json.loads((tmp_path / "cost.json").read_text())
+    assert saved["stages"]["pretrain"]["cpu_source"] == ["log"] and saved["stages"]["evaluate"]["cpu_source"] == \
+        ["benchmark"]
+    assert saved["compare"]["ratios"]["pretrain"]["cpu_per_job"] == pytest.approx(70 / 120)
+
+
+def test_stages_that_log_on_both_sides_are_compared_by_the_logged_cpu(tmp_path):
+    logs = {"pretrain/clip": (10.0, 40.0)}
+    this = study_results(tmp_path / "this", {"pretrain/clip": [(50, 1, 30)]}, logs)
+    other = study_results(tmp_path / "other", {"pretrain/clip": [(90, 1, 50)]}, {"pretrain/clip": (20.0, 80.0)})
+    out = demo_cost(this, "--compare", other, "--out", tmp_path / "cost.json").splitlines()
+    assert out[-4:-2] == ["pretrain           0.50      log            0.56",
+                          "all                0.50      log            0.56"]
+
+
+def test_a_folder_without_benchmarks_is_one_error(tmp_path):
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "demo_cost.py"), str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr == f"error: {tmp_path}/benchmarks: no Snakemake benchmark files " \
+                                                   "(<stage>/<job>.tsv)\n"

@@ -12,7 +12,6 @@ import logging
 import os
 import re
 import sys
-import time
 from pathlib import Path
 
 import yaml
@@ -37,8 +36,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 
-# The job's fixed cost, logged once its stage's code is imported and its MLflow run started (bench/demo_cost.py)
+# What a job cost, in its log for bench/demo_cost.py: the fixed part (logged once the stage's code is imported and
+# its MLflow run started) and the whole (logged at the end; Snakemake's benchmark `cpu_time` is sampled every 30 s,
+# so it misses up to the last 30 s of a job).
+STARTUP_LINE = "start-up: %.2f s wall, %.2f CPU-s (imports, configuration, MLflow) before the stage's work"
+FINISHED_LINE = "job finished: %.2f s wall, %.2f CPU-s"
 STARTUP = re.compile(r"start-up: (?P<wall>[\d.]+) s wall, (?P<cpu>[\d.]+) CPU-s")
+FINISHED = re.compile(r"job finished: (?P<wall>[\d.]+) s wall, (?P<cpu>[\d.]+) CPU-s")
 
 
 def process_age() -> float:
@@ -47,10 +51,14 @@ def process_age() -> float:
     return float(Path("/proc/uptime").read_text().split()[0]) - ticks / os.sysconf("SC_CLK_TCK")
 
 
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process and of the child processes it has waited for (git, workers)."""
+    return sum(os.times()[:4])
+
+
 def log_startup() -> None:
     """Log what the job spent before its stage's work: interpreter, imports, configuration and MLflow."""
-    log.info("start-up: %.2f s wall, %.2f CPU-s (imports, configuration, MLflow) before the stage's work",
-             process_age(), time.process_time())
+    log.info(STARTUP_LINE, process_age(), cpu_seconds())
 
 
 def write_config(cfg: dict, out: Path) -> None:
@@ -281,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     except Preempted as stop:
         log.warning("%s", stop)
         return EXIT_STATUS
+    log.info(FINISHED_LINE, process_age(), cpu_seconds())
     return 0
 
 
