@@ -32,7 +32,7 @@ class Job(NamedTuple):
     wall: float  # Snakemake's `s`
     cpu_benchmark: float | None  # Snakemake's `cpu_time` (None: NA, a job too short to sample)
     max_rss: float | None
-    startup_cpu: float | None  # from the job's log, summed over its processes (ranks)
+    startup_cpu: float | None  # from the job's log, summed over its processes (ranks; not a torchrun launcher)
     logged_cpu: float | None
 
     @property

@@ -2,8 +2,10 @@
 of each PIL image), the size budget that keeps the paper path streaming, the start-up line every job logs, and
 bench/demo_cost.py's table from Snakemake benchmark files."""
 
+import gc
 import json
 import logging
+import os
 import subprocess
 import sys
 
@@ -192,3 +194,33 @@ def test_a_folder_without_benchmarks_is_one_error(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stderr == f"error: {tmp_path}/benchmarks: no Snakemake benchmark files " \
                                                    "(<stage>/<job>.tsv)\n"
+
+
+def test_start_up_runs_without_the_collector_and_leaves_it_as_it_was():
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    with cli.startup_gc():
+        assert not gc.isenabled()
+        cli.log_startup()
+        assert gc.isenabled() and gc.get_freeze_count() > 0  # what start-up built is out of the collections
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    assert cli.main(["--study", "demo", "pretrain", "--run", "not-a-run"]) == 2
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+
+
+def test_python_m_ends_with_the_job_status_and_its_whole_output(tmp_path):
+    buffered = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+
+    def job(*args):
+        return subprocess.run([sys.executable, "-m", "dinorankclip", *args], capture_output=True, text=True,
+                              timeout=300, cwd=REPO, env=buffered)
+
+    done = job("check")  # stdout is a pipe, so block-buffered: it must be flushed before the early exit
+    assert done.returncode == 0 and done.stdout.startswith("study demo: runs clip, cyclip") and \
+        done.stdout.endswith("demo-retrieval\n")
+    done = job("--study", "demo", "pretrain", "--run", "not-a-run")
+    assert done.returncode == 2 and "error: runs.not-a-run: no such run" in done.stderr
+    # a job that raises ends the ordinary way: its traceback and status 1 (a report with nothing to report)
+    (tmp_path / "results" / "demo").mkdir(parents=True)
+    done = subprocess.run([sys.executable, "-m", "dinorankclip", "--params", str(REPO / "params.yaml"), "report"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path, env=buffered)
+    assert done.returncode == 1 and "Traceback (most recent call last)" in done.stderr
