@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import logging
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -39,6 +41,52 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 
+# What a job cost, in its log for bench/demo_cost.py: the fixed part (logged once the stage's code is imported and
+# its MLflow run started) and the whole (logged at the end; Snakemake's benchmark `cpu_time` is sampled every 30 s,
+# so it misses up to the last 30 s of a job).
+STARTUP_LINE = "start-up: %.2f s wall, %.2f CPU-s (imports, configuration, MLflow) before the stage's work"
+FINISHED_LINE = "job finished: %.2f s wall, %.2f CPU-s"
+STARTUP = re.compile(r"start-up: (?P<wall>[\d.]+) s wall, (?P<cpu>[\d.]+) CPU-s")
+FINISHED = re.compile(r"job finished: (?P<wall>[\d.]+) s wall, (?P<cpu>[\d.]+) CPU-s")
+
+
+def process_age() -> float:
+    """Wall seconds since this process started (Linux: its start time in clock ticks after boot, from /proc)."""
+    ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+    return float(Path("/proc/uptime").read_text().split()[0]) - ticks / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process and of the child processes it has waited for (git, workers)."""
+    return sum(os.times()[:4])
+
+
+@contextlib.contextmanager
+def startup_gc():
+    """The cyclic garbage collector paused while a job starts, and what start-up built frozen (`log_startup`).
+
+    Importing torch, open_clip and MLflow allocates millions of long-lived objects; every full collection walks all of
+    them again, which was a third of a job's import CPU-s. Frozen, they are skipped by the collections of the stage's
+    work as well. On leaving, the collector is as it was.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+        if enabled:
+            gc.enable()
+
+
+def log_startup() -> None:
+    """Log what the job spent before its stage's work (interpreter, imports, configuration and MLflow), and end
+    start-up: what it built is frozen out of garbage collection, which resumes for the work."""
+    gc.freeze()
+    gc.enable()
+    log.info(STARTUP_LINE, process_age(), cpu_seconds())
+
+
 def write_config(cfg: dict, out: Path) -> None:
     (out / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
 
@@ -46,6 +94,7 @@ def write_config(cfg: dict, out: Path) -> None:
 def cmd_source(cfg: dict, args, tracker) -> None:
     from dinorankclip.data.source import build_source
 
+    log_startup()
     with atomic_dir(stage_dir(cfg["study"], "source")) as out:
         stats = build_source(cfg, out)
         write_config(cfg, out)
@@ -55,6 +104,7 @@ def cmd_source(cfg: dict, args, tracker) -> None:
 def cmd_data(cfg: dict, args, tracker) -> None:
     from dinorankclip.data.download import build_shards
 
+    log_startup()
     study = cfg["study"]
     with atomic_dir(stage_dir(study, "data")) as out:
         stats = build_shards(cfg, stage_dir(study, "source"), state_dir(study, "data"), out)
@@ -69,6 +119,7 @@ def cmd_data(cfg: dict, args, tracker) -> None:
 def cmd_teacher_weights(cfg: dict, args, tracker) -> None:
     from dinorankclip.models.teacher import build_teacher_weights
 
+    log_startup()
     study = cfg["study"]
     with atomic_dir(stage_dir(study, "teacher_weights")) as out:
         stats = build_teacher_weights(cfg, stage_dir(study, "source"), stage_dir(study, "data"), out)
@@ -80,6 +131,7 @@ def cmd_teacher_weights(cfg: dict, args, tracker) -> None:
 def cmd_teacher(cfg: dict, args, tracker) -> None:
     from dinorankclip.data.features import build_feature_cache
 
+    log_startup()
     study = cfg["study"]
     with atomic_dir(stage_dir(study, "teacher")) as out:
         stats = build_feature_cache(cfg, stage_dir(study, "data"), stage_dir(study, "teacher_weights"),
@@ -91,6 +143,7 @@ def cmd_teacher(cfg: dict, args, tracker) -> None:
 def cmd_captions(cfg: dict, args, tracker) -> None:
     from dinorankclip.data.captions import build_captions
 
+    log_startup()
     study = cfg["study"]
     with atomic_dir(stage_dir(study, "captions")) as out:
         stats = build_captions(cfg, stage_dir(study, "data"), state_dir(study, "captions"), out)
@@ -102,6 +155,7 @@ def cmd_pretrain(cfg: dict, args, tracker) -> None:
     """Rank 0 writes the output directory; under torchrun the other ranks train alongside and write nothing."""
     from dinorankclip.train.pretrain import pretrain
 
+    log_startup()
     study, job = cfg["study"], (cfg["run"], cfg["seed"])
     inputs = (stage_dir(study, "data"), {name: stage_dir(study, name) for name in READ_BY_PRETRAIN})
     state = state_dir(study, "pretrain", *job)
@@ -127,6 +181,7 @@ def cmd_finetune(cfg: dict, args, tracker) -> None:
     from dinorankclip.train.ddp import launched_rank
     from dinorankclip.train.finetune import finetune
 
+    log_startup()
     done = stage_dir(cfg["study"], "finetune", cfg["run"], cfg["seed"])
     if launched_rank() != 0:
         finetune(cfg, finetune_dirs(cfg), None, tracker, args.source)
@@ -147,6 +202,7 @@ def preflight_finetune(cfg: dict, args) -> None:
 def cmd_evaluate(cfg: dict, args, tracker) -> None:
     from dinorankclip.eval.suites import evaluate_run
 
+    log_startup()
     study, job = cfg["study"], (cfg["run"], cfg["seed"])
     model_dir = stage_dir(study, args.model_stage, *job) / "model"
     written = stage_dir(study, "evaluate", *job)
@@ -159,6 +215,7 @@ def cmd_evaluate(cfg: dict, args, tracker) -> None:
 def cmd_report(cfg: dict, args, tracker) -> None:
     from dinorankclip.report.build import build_report
 
+    log_startup()
     study = cfg["study"]
     with atomic_dir(stage_dir(study, "report")) as out:
         build_report(args.report_spec, study_dir(study), out)
@@ -297,6 +354,11 @@ def check_run_stage(params: dict, command: str, run: str | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    with startup_gc():
+        return run(argv)
+
+
+def run(argv: list[str] | None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -343,6 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     except Preempted as stop:
         log.warning("%s", stop)
         return EXIT_STATUS
+    log.info(FINISHED_LINE, process_age(), cpu_seconds())
     return 0
 
 

@@ -5,14 +5,19 @@ equal global batches across world sizes need; the per-epoch permutation depends 
 Samples are fetched a whole batch at a time (`__getitems__`), so captions are tokenised in one call.
 With a teacher feature index (the `teacher` stage's `features.json`, one feature shard per image shard, same
 sizes), sample i of the features is read beside sample i of the images and their keys must agree.
+
+The recipe has no augmentation, so a sample is the same tensor in every epoch: a small dataset is read once into
+memory (`PairCache`, when `pretrain.sample_cache_mb` holds it) instead of decoding every JPEG every epoch.
 """
 
 from __future__ import annotations
 
 import io
+import logging
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -20,6 +25,7 @@ import wids
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+log = logging.getLogger(__name__)
 IMAGE_KEYS = (".jpg", ".jpeg", ".png", ".webp")
 
 
@@ -40,7 +46,7 @@ def open_shards(index: Path) -> wids.ShardListDataset:
     return wids.ShardListDataset(str(index), localname=lambda url: url, transformations=[])
 
 
-def decode_image(sample: dict, transform: Callable) -> torch.Tensor:
+def decode_image(sample: dict, transform: Callable):
     """The sample's image (jpg, png, ...) decoded to RGB and transformed; a KeyError names a sample without one."""
     image_key = next((k for k in IMAGE_KEYS if k in sample), None)
     if image_key is None:
@@ -76,10 +82,10 @@ def check_side_count(side: wids.ShardListDataset, shards: wids.ShardListDataset,
 
 class ShardPairs(Dataset):
     """`Batch`es from the samples of a wids shard index, with the cached teacher features and the second captions
-    when their indexes are given."""
+    when their indexes are given; served from memory (`PairCache`) when all samples fit in `cache_mb` MB."""
 
     def __init__(self, index: Path, transform: Callable, tokenizer: Callable, features: Path | None = None,
-                 captions: Path | None = None):
+                 captions: Path | None = None, cache_mb: float = 0):
         self.shards = open_shards(index)
         self.features = open_shards(features) if features is not None else None
         self.captions = open_shards(captions) if captions is not None else None
@@ -87,25 +93,103 @@ class ShardPairs(Dataset):
             if side is not None:
                 check_side_count(side, self.shards, side_index, index, stage)
         self.transform, self.tokenizer = transform, tokenizer
+        self.cache = PairCache.of(self, cache_mb) if cache_mb > 0 else None
 
     def __len__(self) -> int:
         return len(self.shards)
 
-    def _read(self, i: int) -> tuple[torch.Tensor, str, str, torch.Tensor | None, str | None]:
+    def read(self, i: int, image: Callable) -> tuple[Any, str, str, torch.Tensor | None, str | None]:
+        """Sample i: (`image` of its decoded RGB image, caption, key, teacher maps or None, second caption or None)."""
         sample = self.shards[i]
         if ".txt" not in sample:
             raise KeyError(f"{sample['__shard__']}: sample {sample['__key__']} has no caption")
         teacher = None if self.features is None else read_feature(self.features, i, sample, ".patches.npy")
         second = None if self.captions is None else \
             aligned_field(self.captions, i, sample, ".txt", "second captions").getvalue().decode("utf-8")
-        return decode_image(sample, self.transform), sample[".txt"].getvalue().decode("utf-8"), sample["__key__"], \
+        return decode_image(sample, image), sample[".txt"].getvalue().decode("utf-8"), sample["__key__"], \
             teacher, second
 
     def __getitems__(self, indices: list[int]) -> Batch:
-        images, captions, keys, teacher, second = zip(*(self._read(i) for i in indices), strict=True)
+        if self.cache is not None:
+            return self.cache.batch(indices)
+        images, captions, keys, teacher, second = zip(*(self.read(i, self.transform) for i in indices), strict=True)
         return Batch(torch.stack(images), self.tokenizer(list(captions)), list(keys),
                      None if self.features is None else torch.stack(teacher),
                      None if self.captions is None else self.tokenizer(list(second)))
+
+
+def split_transform(transform: Callable) -> tuple[Callable, Callable]:
+    """(the PIL steps of an image transform, its Normalize) for a torchvision Compose that ends in ToTensor +
+    Normalize, as open_clip's evaluation transform does; a ValueError for any other transform."""
+    from torchvision.transforms import Compose, Normalize, ToTensor
+
+    steps = list(getattr(transform, "transforms", ()))
+    cut = next((i for i, step in enumerate(steps) if isinstance(step, ToTensor)), None)
+    if cut is None or len(steps) != cut + 2 or not isinstance(steps[-1], Normalize):
+        raise ValueError(f"{CACHE_KEY}: the image transform {transform!r} does not end in ToTensor + Normalize, so "
+                         "its pixels cannot be cached exactly; set it to 0")
+    return Compose(steps[:cut]), steps[-1]
+
+
+def pixels_of(image_steps: Callable) -> Callable:
+    """What the cache keeps of an image: the uint8 [H, W, 3] pixels after `image_steps` (resize, crop; PIL's own)."""
+    def pixels(img: Image.Image) -> np.ndarray:
+        out = image_steps(img)
+        if getattr(out, "mode", None) != "RGB":
+            raise ValueError(f"{CACHE_KEY}: the image transform's PIL steps give {out!r}, not an RGB image; set it "
+                             "to 0")
+        return np.asarray(out)
+    return pixels
+
+
+def to_normalized(pixels: torch.Tensor, normalize: Callable) -> torch.Tensor:
+    """uint8 [B, H, W, 3] -> float [B, 3, H, W]: ToTensor's ops (CHW, float, / 255) then `normalize`. Every op is
+    elementwise, so each image comes out bit for bit as the whole transform makes it from its PIL image."""
+    return normalize(pixels.permute(0, 3, 1, 2).contiguous().to(torch.get_default_dtype()).div(255))
+
+
+CACHE_KEY = "pretrain.sample_cache_mb"
+
+
+class PairCache(NamedTuple):
+    """Every sample of a `ShardPairs`, read once: resized and cropped uint8 pixels [N, H, W, 3], token ids [N, L],
+    keys, teacher maps [N, S, C, g, g] or None, second-caption token ids [N, L] or None. A batch of it equals what
+    the shards give (the transform's tail applied per batch; tokenisation is per caption)."""
+
+    pixels: torch.Tensor
+    tokens: torch.Tensor
+    keys: list[str]
+    teacher: torch.Tensor | None
+    captions: torch.Tensor | None
+    normalize: Callable
+
+    @classmethod
+    def of(cls, pairs: ShardPairs, budget_mb: float) -> PairCache | None:
+        """The cache of `pairs`, or None (they stream) when its size, estimated from sample 0, exceeds `budget_mb`."""
+        image_steps, normalize = split_transform(pairs.transform)
+        pixels = pixels_of(image_steps)
+        first = pairs.read(0, pixels)
+        per_sample = first[0].nbytes + pairs.tokenizer([first[1]]).nbytes * (1 if first[4] is None else 2) + \
+            (0 if first[3] is None else first[3].nbytes)
+        size_mb = per_sample * len(pairs) / 2**20
+        if size_mb > budget_mb:
+            log.info("%d samples need ~%.0f MB in memory, over %s = %g: streamed from the shards", len(pairs),
+                     size_mb, CACHE_KEY, budget_mb)
+            return None
+        start = time.perf_counter()
+        images, captions, keys, teacher, second = zip(first, *(pairs.read(i, pixels) for i in range(1, len(pairs))),
+                                                      strict=True)
+        log.info("%d samples held in memory (%.0f MB, read in %.1f s)", len(pairs), size_mb,
+                 time.perf_counter() - start)
+        return cls(torch.from_numpy(np.stack(images)), pairs.tokenizer(list(captions)), list(keys),
+                   None if first[3] is None else torch.stack(teacher),
+                   None if first[4] is None else pairs.tokenizer(list(second)), normalize)
+
+    def batch(self, indices: list[int]) -> Batch:
+        rows = torch.as_tensor(indices)
+        return Batch(to_normalized(self.pixels[rows], self.normalize), self.tokens[rows],
+                     [self.keys[i] for i in indices], None if self.teacher is None else self.teacher[rows],
+                     None if self.captions is None else self.captions[rows])
 
 
 def split_indices(size: int, held_out: int, seed: int) -> tuple[list[int], list[int]]:

@@ -45,7 +45,7 @@ from dinorankclip.train.student import Student, distills
 log = logging.getLogger(__name__)
 # settings that change how a run is executed or observed, not what it computes: a checkpoint stays valid
 EXECUTION_KEYS = ("threads", "workers", "log_every", "checkpoint_every", "resume", "compile", "grad_checkpointing",
-                  "deterministic")
+                  "deterministic", "sample_cache_mb")
 RUN_ID_FILE = "mlflow_run.json"
 
 
@@ -189,7 +189,8 @@ def pretrain(cfg: dict, data_dir: Path, stage_dirs: dict[str, Path], out: Path |
     import open_clip
 
     tokenizer = open_clip.get_tokenizer(cfg["model"]["arch"])
-    dataset = ShardPairs(data_dir / "shards.json", transform, tokenizer, features, captions_index(cfg, stage_dirs))
+    dataset = ShardPairs(data_dir / "shards.json", transform, tokenizer, features, captions_index(cfg, stage_dirs),
+                         opt["sample_cache_mb"])
     val_dataset, train_idx, val_idx = validation_split(dataset, data_dir, transform, tokenizer, opt,
                                                        cfg["study_seed"])
     batches = GlobalBatches(train_idx, opt["batch_size"], cfg["seed"], world.rank, world.size)
