@@ -224,3 +224,30 @@ def test_the_readme_clip_benchmark_example_writes_the_evaluate_stages_json(tmp_p
     assert cli == json.loads(Path("pipeline/demo-retrieval.json").read_text())
     assert cli["model"] == "demo-rn-tiny" and set(cli["metrics"]) == {f"{side}_retrieval_recall@{k}" for k in (1, 5, 10)
                                                                      for side in ("image", "text")}
+
+
+def test_paired_embeddings_of_an_injected_model_give_z_and_z_g_from_one_pass(single_thread):
+    """The gap analysis reads an injected tower's z (after the gate) and z_g (the tower's own) from `features`."""
+    import torch.nn.functional as F
+
+    from dinorankclip.eval.modality_gap import paired_embeddings
+    from dinorankclip.models.clip import create_clip
+
+    torch.manual_seed(0)
+    injection = {"variant": "v5", "channels": 16, "taps": [0, 1, 2], "reduction": 4, "spatial_kernel": 3,
+                 "heads": 2, "refiner_depth": 1, "max_grid": 4, "gate_bias": 0.0}
+    model, _, _ = create_clip("demo-rn-tiny", injection, 3)
+    model.eval()
+    with torch.no_grad():
+        model.visual.fusion.projection.weight.normal_(0, 0.5)  # a trained P: z moves away from z_g
+    images = torch.randn(6, 3, 32, 32)
+    loader = [(images[:4], [["a red circle"]] * 4), (images[4:], [["a blue square"]] * 2)]
+    tokens = torch.zeros(1, model.context_length, dtype=torch.long)
+    out = paired_embeddings(model, lambda x: torch.randn(len(x), 8), loader, lambda t: tokens.expand(len(t), -1),
+                            "cpu", limit=5)
+    assert out["z"].shape == out["z_g"].shape == (5, model.visual.tower.output_dim)
+    with torch.no_grad():
+        features = model.visual.features(images[:5])
+    torch.testing.assert_close(out["z_g"], features.z_g)
+    torch.testing.assert_close(out["z"], features.z)
+    assert not torch.allclose(F.normalize(out["z"], dim=-1), F.normalize(out["z_g"], dim=-1))

@@ -47,7 +47,7 @@ def test_high_order_objective_trains_its_transition_gates(params):
     assert total.item() == pytest.approx(reference(image, text, scale, w, tie_seed=0, step=50).item(), rel=1e-5)
     total.backward()
     assert all(t.gate.grad is not None for t in objective.ranking.transitions)
-    assert {"loss/gamma_2", "loss/gamma_3"} <= set(parts)
+    assert {"transition/gamma_2", "transition/gamma_3", "transition/strength_2", "transition/strength_3"} <= set(parts)
 
 
 def test_cyclip_objective_is_cyclip_loss(params):

@@ -67,7 +67,8 @@ def gap_analysis(text: torch.Tensor, z: torch.Tensor, teacher_cls: torch.Tensor,
 
 
 def injected(visual) -> bool:
-    """Whether an image tower carries an injection with its own z_g (V2-V6; V1 and plain towers have z = z_g)."""
+    """Whether an image tower carries a branch L with its own z_g node (V2-V6, and the distill-only control, whose
+    z is its z_g; V1 and plain towers have only z)."""
     return getattr(visual, "branch", None) is not None
 
 
@@ -83,8 +84,9 @@ def paired_embeddings(model, teacher, loader, tokenizer, device: str, limit: int
         images = images.to(device)
         with torch.autocast(device, enabled=device == "cuda"):
             if injected(model.visual):
-                z, z_g, _ = model.visual.features(images)
-                out["z_g"].append(z_g.float().cpu())
+                features = model.visual.features(images)
+                z = features.z
+                out["z_g"].append(features.z_g.float().cpu())
             else:
                 z = model.encode_image(images)
             text = model.encode_text(tokenizer([texts[0] for texts in captions]).to(device))
