@@ -80,8 +80,41 @@ def shape_accuracy(cfg: dict, model_dir: Path) -> float:
     return evaluate_suite(model, transform, tokenizer, suite, cfg["evaluate"], "cpu")[0]["metrics"]["acc1"]
 
 
-def control(study: Path, work: Path, threads: int = 2) -> dict:
-    """Shape top-1 of the frozen-trunk V5 with the true and with the shuffled teacher features, and the margin."""
+def probe_accuracies(cfg: dict, model_dir: Path) -> dict[str, float]:
+    """Where the shape information is, after training: the linear probe's demo-shape top-1 (clip-benchmark's
+    protocol, the evaluate stage's own) on the tower's z_g, on the branch's fused δ = P(z_loc) and on the injected
+    z. A teacher that reached branch L but not z shows as a high probe on δ beside a low one on z."""
+    import torch
+
+    from dinorankclip.eval.linear_probe import linear_probe
+    from dinorankclip.eval.suites import _loader, build
+    from dinorankclip.models.clip import load_local_dir
+
+    model, transform, _ = load_local_dir(model_dir, "cpu")
+    visual, ev = model.visual, cfg["evaluate"]
+
+    @torch.no_grad()
+    def features(split: str) -> dict[str, tuple]:
+        out: dict[str, list] = {"z_g": [], "delta": [], "z": []}
+        targets = []
+        data = build("wds/demo-shape", "linear_probe", ev, transform, split)
+        for images, target in _loader(data, ev, "wds/demo-shape", split):
+            f = visual.features(images)
+            delta = visual.fusion(f.maps)
+            for name, x in (("z_g", f.z_g), ("delta", delta), ("z", f.z)):
+                out[name].append(torch.nn.functional.normalize(x.float(), dim=-1))
+            targets.append(torch.as_tensor(target))
+        y = torch.cat(targets)
+        return {name: (torch.cat(x), y) for name, x in out.items()}
+
+    train, test = features("train"), features("test")
+    return {name: linear_probe(*train[name], *test[name], ev["linear_probe"], cfg["study_seed"], "cpu")["lp_acc1"]
+            for name in train}
+
+
+def control(study: Path, work: Path, threads: int = 2, diagnose: bool = False) -> dict:
+    """Shape top-1 of the frozen-trunk V5 with the true and with the shuffled teacher features, and the margin;
+    with `diagnose`, each run's strength statistics and where its shape information is (`probe_accuracies`)."""
     import torch
     import yaml
 
@@ -93,13 +126,19 @@ def control(study: Path, work: Path, threads: int = 2) -> dict:
     cfg["evaluate"]["dataset_root"] = str(study / "source" / "eval" / "wds_{dataset_cleaned}")
     torch.set_num_threads(threads)
     shuffled = shuffled_cache(study / "teacher", work / "teacher-shuffled")
-    scores = {name: shape_accuracy(cfg, train_frozen_trunk(cfg, study, teacher, work / name))
+    models = {name: train_frozen_trunk(cfg, study, teacher, work / name)
               for name, teacher in (("true", study / "teacher"), ("shuffled", shuffled))}
-    return {**scores, "margin": scores["true"] - scores["shuffled"]}
+    scores = {name: shape_accuracy(cfg, model) for name, model in models.items()}
+    result = {**scores, "margin": scores["true"] - scores["shuffled"]}
+    if diagnose:
+        result["diagnosis"] = {name: {"strength": json.loads((model.parent / "metrics.json").read_text())["strength"],
+                                      "probe_shape_top1": probe_accuracies(cfg, model)}
+                               for name, model in models.items()}
+    return result
 
 
 if __name__ == "__main__":
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
-        print(json.dumps(control(Path(sys.argv[1]).resolve(), Path(tmp)), indent=2))
+        print(json.dumps(control(Path(sys.argv[1]).resolve(), Path(tmp), diagnose=True), indent=2))

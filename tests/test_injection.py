@@ -360,3 +360,18 @@ def test_lock_image_tower_freezes_the_tower_and_leaves_the_injection_trainable(k
     assert not any(p.requires_grad for p in model.visual.tower.parameters())
     injection = [p for name, p in model.visual.named_parameters() if not name.startswith("tower.")]
     assert injection and all(p.requires_grad for p in injection)
+
+
+@pytest.mark.parametrize("scale", [0.03, 1.0])
+def test_the_refiner_reads_the_maps_content_at_any_scale(scale):
+    """z_loc differs from image to image as much for faint branch maps as for strong ones: the content is
+    normalised before the unit-amplitude position codes are added (without it, maps at the demo's scale gave the
+    same z_loc for every image, and δ was a constant offset)."""
+    from dinorankclip.models.fusion import AttentionRefiner
+
+    torch.manual_seed(0)
+    refiner = AttentionRefiner(16, depth=1, heads=2).eval()
+    with torch.no_grad():
+        z_loc = refiner(torch.randn(64, 16, 4, 4) * scale)
+    mean = z_loc.mean(0)
+    assert ((z_loc - mean).norm(dim=1).mean() / mean.norm()).item() > 0.4

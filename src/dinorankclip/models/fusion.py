@@ -70,10 +70,14 @@ def sincos_2d(height: int, width: int, dim: int, device: torch.device, dtype: to
 class AttentionRefiner(nn.Module):
     """Read a map [B, C, H, W] into z_loc ∈ R^C through a learnable query token and pre-LN transformer blocks.
 
-    Patch tokens get fixed 2-D sine-cosine position codes (attention alone is blind to layout, and spatial relations
-    are among what the captions under-describe); the query token has none. The query's final state, after a closing
-    LayerNorm (pre-LN blocks leave the stream un-normalised), is z_loc. The query is stored as a vector [C] so that
-    a generic "no decay for ndim < 2" rule leaves it alone.
+    Patch tokens are the map's content, layer-normalised per token, plus fixed 2-D sine-cosine position codes
+    (attention alone is blind to layout, and spatial relations are among what the captions under-describe); the
+    query token has none. The normalisation matters: the codes have unit amplitude whatever the map's scale, and on
+    the demo the branch maps are ~10× smaller, so without it the tokens were position codes with a trace of content
+    and z_loc came out the same for every image (its spread across images 1% of its norm after training: the
+    injected δ was a constant offset). The query's final state, after a closing LayerNorm (pre-LN blocks leave the
+    stream un-normalised), is z_loc. The query is stored as a vector [C] so that a generic "no decay for ndim < 2"
+    rule leaves it alone.
     """
 
     def __init__(self, channels: int, depth: int = 2, heads: int = 8, mlp_ratio: float = 4.0) -> None:
@@ -86,11 +90,13 @@ class AttentionRefiner(nn.Module):
                                        activation="gelu", batch_first=True, norm_first=True)
             for _ in range(depth)
         )
+        self.content_norm = nn.LayerNorm(channels)
         self.norm = nn.LayerNorm(channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, channels, height, width = x.shape
-        patches = x.flatten(2).transpose(1, 2) + sincos_2d(height, width, channels, x.device, x.dtype)
+        content = self.content_norm(x.flatten(2).transpose(1, 2))
+        patches = content + sincos_2d(height, width, channels, x.device, content.dtype)
         tokens = torch.cat([self.query.to(x.dtype).expand(batch, 1, channels), patches], dim=1)
         for block in self.blocks:
             tokens = block(tokens)
