@@ -253,9 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        params = load_params(args.params)
-        if args.study:
-            params = {**params, "study": args.study}
+        params = load_params(args.params, args.study)
         if args.command == "dvc-yaml":
             cmd_dvc_yaml(params, args)
             return 0
