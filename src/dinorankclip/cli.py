@@ -283,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     args.model_stage = model_stage(params, cfg.get("run", ""))
     if args.command == "report":
         args.report_spec = report_spec(params, cfg)
+    from dinorankclip.errors import InputError
     from dinorankclip.train.preemption import EXIT_STATUS, Preempted
 
     try:
@@ -291,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     except Preempted as stop:
         log.warning("%s", stop)
         return EXIT_STATUS
+    except InputError as err:  # a bad input file: one message naming it, as for bad parameters
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 
