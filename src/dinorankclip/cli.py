@@ -31,6 +31,7 @@ from dinorankclip.config import (
 )
 from dinorankclip.io import atomic_dir, atomic_write_bytes, write_json
 from dinorankclip.layout import stage_dir, state_dir, study_dir
+from dinorankclip.timings import record as record_timings
 
 log = logging.getLogger("dinorankclip")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -67,9 +68,11 @@ def cmd_teacher_weights(cfg: dict, args, tracker) -> None:
     study = cfg["study"]
     with atomic_dir(stage_dir(study, "teacher_weights")) as out:
         stats = build_teacher_weights(cfg, stage_dir(study, "source"), stage_dir(study, "data"), out)
+        timings = {key: stats.pop(key) for key in ("train_seconds",) if key in stats}  # the demo teacher's clock
         write_config(cfg, out)
         write_json(out / "stats.json", stats)
     tracker.log_metrics({f"val_accuracy/{k}": v for k, v in stats.get("val_accuracy", {}).items()}, step=0)
+    record_timings(cfg, "teacher_weights", timings, tracker)
 
 
 def cmd_teacher(cfg: dict, args, tracker) -> None:
@@ -77,10 +80,11 @@ def cmd_teacher(cfg: dict, args, tracker) -> None:
 
     study = cfg["study"]
     with atomic_dir(stage_dir(study, "teacher")) as out:
-        stats = build_feature_cache(cfg, stage_dir(study, "data"), stage_dir(study, "teacher_weights"),
-                                    state_dir(study, "teacher"), out)
+        stats, timings = build_feature_cache(cfg, stage_dir(study, "data"), stage_dir(study, "teacher_weights"),
+                                             state_dir(study, "teacher"), out)
         write_config(cfg, out)
     tracker.log_metrics({k: v for k, v in stats.items() if isinstance(v, int | float)}, step=0)
+    record_timings(cfg, "teacher", timings, tracker)
 
 
 def cmd_captions(cfg: dict, args, tracker) -> None:
@@ -95,7 +99,7 @@ def cmd_captions(cfg: dict, args, tracker) -> None:
 
 def cmd_pretrain(cfg: dict, args, tracker) -> None:
     """Rank 0 writes the output directory; under torchrun the other ranks train alongside and write nothing."""
-    from dinorankclip.train.pretrain import pretrain
+    from dinorankclip.train.pretrain import TIMING_KEYS, pretrain
 
     study, job = cfg["study"], (cfg["run"], cfg["seed"])
     inputs = (stage_dir(study, "data"), {name: stage_dir(study, name) for name in READ_BY_PRETRAIN})
@@ -105,8 +109,9 @@ def cmd_pretrain(cfg: dict, args, tracker) -> None:
         return
     with atomic_dir(stage_dir(study, "pretrain", *job)) as out:
         write_config(cfg, out)
-        pretrain(cfg, *inputs, out, tracker, state)
+        metrics = pretrain(cfg, *inputs, out, tracker, state)
     tracker.log_artifact(stage_dir(study, "pretrain", *job) / "metrics.json")
+    record_timings(cfg, "pretrain", {key: metrics[key] for key in TIMING_KEYS}, tracker)
 
 
 def finetune_dirs(cfg: dict) -> dict[str, Path]:
@@ -118,13 +123,15 @@ def finetune_dirs(cfg: dict) -> dict[str, Path]:
 
 
 def cmd_finetune(cfg: dict, args, tracker) -> None:
+    from dinorankclip.train.finetune import TIMING_KEYS as FINETUNE_TIMING_KEYS
     from dinorankclip.train.finetune import finetune
 
     done = stage_dir(cfg["study"], "finetune", cfg["run"], cfg["seed"])
     with atomic_dir(done) as out:
         write_config(cfg, out)
-        finetune(cfg, finetune_dirs(cfg), out, tracker, args.source)
+        metrics = finetune(cfg, finetune_dirs(cfg), out, tracker, args.source)
     tracker.log_artifact(done / "metrics.json")
+    record_timings(cfg, "finetune", {key: metrics[key] for key in FINETUNE_TIMING_KEYS}, tracker)
 
 
 def preflight_finetune(cfg: dict, args) -> None:
@@ -300,19 +307,23 @@ def main(argv: list[str] | None = None) -> int:
 
 @contextlib.contextmanager
 def tracked(cfg: dict, stage: str):
-    """The job's MLflow run: rank 0 only under torchrun; a preempted pretraining job continues its own run."""
-    from dinorankclip.tracking import NullTracker, job_run
+    """The job's MLflow run (rank 0 only under torchrun), keyed by what the job computes: a training by its checkpoint
+    fingerprint, so a preempted or killed job continues its own run and a job of other settings starts a new one."""
+    from dinorankclip.tracking import NullTracker, job_key, job_run
     from dinorankclip.train.ddp import launched_rank
 
     if launched_rank() != 0:
         yield NullTracker()
         return
-    resume_id = None
-    if stage == "pretrain" and cfg["pretrain"]["resume"] == "latest":
-        from dinorankclip.train.pretrain import resumable_run_id
+    study = study_dir(cfg["study"])
+    key, resume = job_key(study, stage, cfg), False
+    if stage == "pretrain":
+        from dinorankclip.train.pretrain import tracking_key
 
-        resume_id = resumable_run_id(state_dir(cfg["study"], "pretrain", cfg["run"], cfg["seed"]))
-    with job_run(cfg, study_dir(cfg["study"]), stage, resume_id) as tracker:
+        stamp, resume = tracking_key(cfg, stage_dir(cfg["study"], "data"),
+                                     state_dir(cfg["study"], "pretrain", cfg["run"], cfg["seed"]))
+        key = job_key(study, stage, cfg, stamp)
+    with job_run(cfg, study, stage, key, resume) as tracker:
         yield tracker
 
 

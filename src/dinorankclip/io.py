@@ -81,3 +81,22 @@ def prepare_staging(staging: Path, stamp: str) -> None:
         shutil.rmtree(staging)
     staging.mkdir(parents=True, exist_ok=True)
     stamp_file.write_text(stamp)
+
+
+def write_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None) -> None:
+    """A safetensors file whose bytes depend only on its contents, written atomically.
+
+    safetensors keeps `__metadata__` in a hash map, so two saves of the same tensors with two or more metadata
+    entries differ in key order from process to process, and DVC sees a changed file. The header is rewritten
+    with the metadata sorted (tensor entries keep safetensors' own order; data offsets are relative to the end
+    of the header, so its length may change), padded with spaces to 8 bytes as safetensors pads it."""
+    from safetensors.torch import save
+
+    data = save(tensors, metadata=metadata)
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + length])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    atomic_write_bytes(path, len(text).to_bytes(8, "little") + text + data[8 + length:])

@@ -8,6 +8,8 @@ parallel jobs from contending for the sqlite write lock on every step.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import os
 import re
@@ -116,25 +118,37 @@ def _study_parent(client, experiment_id: str, study: str) -> str:
     return parent.info.run_id
 
 
-def _existing_run(client, run_id: str | None):
-    if run_id is None:
-        return None
-    from mlflow.exceptions import MlflowException
+KEY_TAG = "dinorankclip.key"
+REPLACED_TAG = "dinorankclip.replaced_by"
+STUDY_DIR_TAG = "dinorankclip.study_dir"  # which checkout's results a run describes, on a store several share
 
-    try:
-        return client.get_run(run_id)
-    except MlflowException:
-        log.warning("MLflow run %s of the checkpoint is not in this store; starting a new run", run_id)
-        return None
+
+def job_key(study_dir: Path, stage: str, config: Mapping[str, Any], fingerprint: str | None = None) -> str:
+    """What identifies a job's MLflow run: the study folder, the stage, and the fingerprint of what the job computes
+    (a training's checkpoint fingerprint; else its resolved config). A rerun with the same key stands for the same
+    job; a change of settings gets a new key and a new run."""
+    what = fingerprint if fingerprint is not None else json.dumps(config, sort_keys=True, default=str)
+    return hashlib.sha256(json.dumps([str(study_dir.resolve()), stage, what]).encode()).hexdigest()
+
+
+def _runs_of(client, experiment_id: str, key: str) -> list:
+    """The live (not deleted) runs carrying `key`, newest first."""
+    from mlflow.entities import ViewType
+
+    return client.search_runs([experiment_id], filter_string=f"tags.`{KEY_TAG}` = '{key}'",
+                              run_view_type=ViewType.ACTIVE_ONLY, order_by=["attributes.start_time DESC"])
 
 
 @contextlib.contextmanager
-def job_run(config: Mapping[str, Any], study_dir: Path, stage: str,
-            resume_run_id: str | None = None) -> Iterator[Tracker]:
+def job_run(config: Mapping[str, Any], study_dir: Path, stage: str, key: str | None = None,
+            resume: bool = False) -> Iterator[Tracker]:
     """An MLflow run named `<stage>/<run>/seed<k>` (or `<stage>`) in experiment `dinorankclip/<study>`, a child of
     the study's parent run, with system metrics sampled alongside; FAILED if the job raises.
 
-    `resume_run_id` (the run of a job that was preempted) continues that run instead of starting a new one.
+    Runs are keyed (`key`, default `job_key` of the config): with `resume` (a training that continues from its
+    checkpoint) the newest run of the key is continued; otherwise a new run starts, and older runs of the same key
+    (the same job run again: a forced rerun, a retrained checkpoint) are deleted - MLflow keeps them in its trash,
+    tagged with the run that replaced them - so one live run stands for each job and setting.
     """
     from mlflow.entities import Param
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
@@ -142,6 +156,7 @@ def job_run(config: Mapping[str, Any], study_dir: Path, stage: str,
 
     study_dir.mkdir(parents=True, exist_ok=True)
     uri = tracking_uri(study_dir)
+    key = key or job_key(study_dir, stage, config)
     experiment_name = f"dinorankclip/{config['study']}"
     with FileLock(str(study_dir / ".mlflow.lock")):  # one job creates the schema, the experiment and the parent
         client = MlflowClient(tracking_uri=uri)
@@ -150,21 +165,26 @@ def job_run(config: Mapping[str, Any], study_dir: Path, stage: str,
             experiment_name, artifact_location=(study_dir.resolve() / "mlartifacts").as_uri())
         parent_id = _study_parent(client, experiment_id, config["study"])
     name = f"{stage}/{config['run']}/{seed_part(config['seed'])}" if "run" in config else stage
-    run = _existing_run(client, resume_run_id)
-    continued = run is not None
+    earlier = _runs_of(client, experiment_id, key)
+    continued = resume and bool(earlier)
     if continued:
+        run, earlier = earlier[0], earlier[1:]
         client.update_run(run.info.run_id, status="RUNNING")
         client.set_tag(run.info.run_id, "resumed", "true")
     else:
         tags = {"stage": stage, "study": config["study"], "git_commit": _git_commit(),
                 "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""), "mlflow.runName": name,
-                "mlflow.parentRunId": parent_id}
+                "mlflow.parentRunId": parent_id, KEY_TAG: key, STUDY_DIR_TAG: str(study_dir.resolve())}
         if "run" in config:
             tags.update(run=config["run"], seed=str(config["seed"]))
         run = client.create_run(experiment_id, run_name=name, tags=tags)
         params = [Param(k, v) for k, v in flatten(config).items()]
         for start in range(0, len(params), 100):
             client.log_batch(run.info.run_id, params=params[start:start + 100])
+    for old in earlier:
+        client.set_tag(old.info.run_id, REPLACED_TAG, run.info.run_id)
+        client.delete_run(old.info.run_id)
+        log.info("MLflow run %s (%s) replaced by %s", name, old.info.run_id, run.info.run_id)
     tracker = Tracker(client, run.info.run_id)
     monitor = SystemMetricsMonitor(run.info.run_id, sampling_interval=SYSTEM_METRICS_SECONDS,
                                    resume_logging=continued, tracking_uri=uri)
