@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import filecmp
 import hashlib
 import json
 import logging
@@ -16,14 +17,32 @@ from typing import Any, BinaryIO
 log = logging.getLogger(__name__)
 
 
+# Files a workflow tool keeps inside an output folder for its own bookkeeping, not part of the stage's result.
+TOOL_FILES = frozenset({".snakemake_timestamp"})
+
+
+def same_tree(a: Path, b: Path) -> bool:
+    """Whether folders `a` and `b` hold the same files with the same bytes (tool bookkeeping files aside)."""
+    def listing(root: Path) -> list[str]:
+        return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name not in TOOL_FILES)
+
+    files = listing(a)
+    return files == listing(b) and all(filecmp.cmp(a / name, b / name, shallow=False) for name in files)
+
+
 @contextlib.contextmanager
 def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
-    """Yield a fresh temporary directory next to `final`; on success it replaces `final` in one rename."""
+    """Yield a fresh temporary directory next to `final`; on success it replaces `final` in one rename. When `final`
+    already holds exactly what was written (a rerun of unchanged work: DVC keeps outputs in place, `persist`), the
+    existing folder stays, with its times and Snakemake's timestamp, and the new copy is dropped."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         yield tmp
+        if final.is_dir() and same_tree(tmp, final):
+            log.info("%s: unchanged, kept as it was", final)
+            return
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
