@@ -25,6 +25,7 @@ from dinorankclip.layout import seed_part
 
 log = logging.getLogger(__name__)
 FLUSH_SECONDS = 10.0
+DRAIN_ATTEMPTS = 6  # at the end of a job: about a minute of retries before its metrics are given up as an error
 SYSTEM_METRICS_SECONDS = 5.0
 MAX_PARAM_LENGTH = 6000
 
@@ -54,7 +55,11 @@ def _git_commit() -> str:
 
 
 class Tracker:
-    """A thin handle on one active MLflow run."""
+    """A thin handle on one active MLflow run.
+
+    Metrics are buffered and sent in batches. A send that fails (a store locked past its timeout, a tracking server
+    restarting) keeps them buffered for the next flush and logs a warning: a training job does not die, nor lose
+    metrics, because the tracking store was away for a while. At the end of the job `drain` retries, then raises."""
 
     def __init__(self, client, run_id: str):
         self.client, self.run_id = client, run_id
@@ -69,10 +74,30 @@ class Tracker:
         if time.monotonic() - self._last_flush > FLUSH_SECONDS:
             self.flush()
 
+    def _send(self) -> None:
+        while self._buffer:  # batch by batch: a failure part-way keeps exactly what was not sent
+            self.client.log_batch(self.run_id, metrics=self._buffer[:1000])
+            del self._buffer[:1000]
+
     def flush(self) -> None:
-        for start in range(0, len(self._buffer), 1000):
-            self.client.log_batch(self.run_id, metrics=self._buffer[start:start + 1000])
-        self._buffer, self._last_flush = [], time.monotonic()
+        """Send the buffered metrics; if the store does not answer, keep them for the next flush."""
+        self._last_flush = time.monotonic()
+        try:
+            self._send()
+        except Exception as err:  # noqa: BLE001 - MLflow, HTTP and SQLAlchemy errors alike: try again later
+            log.warning("MLflow: %d metrics not sent yet (%s: %s); trying again at the next flush", len(self._buffer),
+                        type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+
+    def drain(self, attempts: int = DRAIN_ATTEMPTS) -> None:
+        """Send everything still buffered, waiting 2, 4, 8, ... s between attempts; raise the last error."""
+        for attempt in range(attempts):
+            try:
+                self._send()
+                return
+            except Exception:  # noqa: BLE001
+                if attempt == attempts - 1:
+                    raise
+                time.sleep(2 ** (attempt + 1))
 
     def log_artifact(self, path: str | os.PathLike, folder: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), folder)
@@ -93,6 +118,9 @@ class NullTracker:
     def flush(self) -> None:
         pass
 
+    def drain(self) -> None:
+        pass
+
     def log_artifact(self, path: str | os.PathLike, folder: str | None = None) -> None:
         pass
 
@@ -105,6 +133,23 @@ def tracking_uri(study_dir: Path) -> str:
 
 
 STUDY_ROLE_TAG = "dinorankclip.role"
+
+
+def _experiment(client, name: str, study_dir: Path) -> str:
+    """The id of the study's experiment, created on first use. The file lock around this serialises the jobs of
+    one machine; jobs of several machines on one tracking server can still race, and the loser reads the winner's."""
+    from mlflow.exceptions import MlflowException
+
+    found = client.get_experiment_by_name(name)
+    if found:
+        return found.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=(study_dir.resolve() / "mlartifacts").as_uri())
+    except MlflowException:
+        found = client.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return found.experiment_id
 
 
 def _study_parent(client, experiment_id: str, study: str) -> str:
@@ -160,9 +205,7 @@ def job_run(config: Mapping[str, Any], study_dir: Path, stage: str, key: str | N
     experiment_name = f"dinorankclip/{config['study']}"
     with FileLock(str(study_dir / ".mlflow.lock")):  # one job creates the schema, the experiment and the parent
         client = MlflowClient(tracking_uri=uri)
-        experiment = client.get_experiment_by_name(experiment_name)
-        experiment_id = experiment.experiment_id if experiment else client.create_experiment(
-            experiment_name, artifact_location=(study_dir.resolve() / "mlartifacts").as_uri())
+        experiment_id = _experiment(client, experiment_name, study_dir)
         parent_id = _study_parent(client, experiment_id, config["study"])
     name = f"{stage}/{config['run']}/{seed_part(config['seed'])}" if "run" in config else stage
     earlier = _runs_of(client, experiment_id, key)
@@ -200,7 +243,7 @@ def job_run(config: Mapping[str, Any], study_dir: Path, stage: str, key: str | N
     finally:
         try:
             monitor.finish()
-            tracker.flush()
+            tracker.drain()
         finally:
             client.set_terminated(run.info.run_id, status=status)
     log.info("MLflow run %s (%s) in %s", name, run.info.run_id, uri)
