@@ -169,11 +169,14 @@ STUDY_DIR_TAG = "dinorankclip.study_dir"  # which checkout's results a run descr
 
 
 def job_key(study_dir: Path, stage: str, config: Mapping[str, Any], fingerprint: str | None = None) -> str:
-    """What identifies a job's MLflow run: the study folder, the stage, and the fingerprint of what the job computes
-    (a training's checkpoint fingerprint; else its resolved config). A rerun with the same key stands for the same
-    job; a change of settings gets a new key and a new run."""
+    """What identifies a job's MLflow run: the stage and the fingerprint of what the job computes (a training's
+    checkpoint fingerprint; else its resolved config), and, on a store several checkouts may share
+    (MLFLOW_TRACKING_URI), the study folder. A rerun with the same key stands for the same job; a change of settings
+    gets a new key and a new run. The study's own sqlite store moves with its folder, so there the folder is left
+    out: a copied or moved study still finds its runs."""
     what = fingerprint if fingerprint is not None else json.dumps(config, sort_keys=True, default=str)
-    return hashlib.sha256(json.dumps([str(study_dir.resolve()), stage, what]).encode()).hexdigest()
+    scope = str(study_dir.resolve()) if os.environ.get("MLFLOW_TRACKING_URI") else ""
+    return hashlib.sha256(json.dumps([scope, stage, what]).encode()).hexdigest()
 
 
 def _runs_of(client, experiment_id: str, key: str) -> list:
