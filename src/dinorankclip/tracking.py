@@ -1,8 +1,10 @@
 """MLflow: every job is a run in the study's experiment, with its resolved config, metrics and artifacts.
 
 The default store is an embedded sqlite database under `results/<study>/` (mutable, so never a DVC output);
-`MLFLOW_TRACKING_URI` points jobs at a server instead. Metrics are buffered and sent in batches, which keeps
-parallel jobs from contending for the sqlite write lock on every step.
+`MLFLOW_TRACKING_URI` points jobs at a server instead (what a shared cluster filesystem needs: sqlite's file
+locks are not reliable there). Metrics are buffered and sent in batches, which keeps parallel jobs from contending
+for the sqlite write lock on every step. Runs are keyed (`job_key`): a job that resumes its checkpoint continues its
+run, a rerun of the same job replaces its run, and a job of other settings starts a new one.
 """
 
 from __future__ import annotations
