@@ -4,10 +4,15 @@
 import json
 import os
 
-from dinorankclip.config import PARAMS_ENV, validate_params
+from dinorankclip.config import PARAMS_ENV, PARAMS_FILE, read_params_file, validate_params
 
 
-configfile: "params.yaml"
+# A YAML syntax error stops the workflow here naming the file, line and column (Snakemake's configfile loader
+# says only that the file is not valid YAML).
+read_params_file(PARAMS_FILE)
+
+
+configfile: PARAMS_FILE
 
 
 # A bad parameter stops the workflow here, before any job starts, with a message naming the key.

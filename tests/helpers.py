@@ -120,11 +120,14 @@ def write_features(root, shards: dict[str, list[str]]):
 
 def reduced_study(clone: Path, port: int) -> dict:
     """Shrink the demo study in a clone's own params.yaml to the smallest one that still has every stage:
-    one pretraining run (`clip`) and its KUEA fine-tuning, on a 1,000-scene world, with per-step log lines.
-    The report's comparison tables are skipped by the report stage itself (their runs are not in the study)."""
+    one pretraining run (`clip`) and its KUEA fine-tuning, on a 1,000-scene world, with per-step log lines, and its
+    dvc.yaml. The report's comparison tables are skipped by the report stage itself (their runs are not in the
+    study)."""
+    from dinorankclip.dvc_yaml import render
+
     params = repo_params()
-    params.update(runs={"clip": {}}, aliases={}, finetune_runs={"clip-kuea": "clip"})
     demo = params["studies"]["demo"]
+    demo.update(runs=["clip"], finetune_runs={"clip-kuea": "clip"})  # the study's own lists; the registry stays
     demo["source"]["port"] = port
     demo["source"]["world"].update(train_scenes=1000, eval_size=100, retrieval_size=100, probe_train_size=60,
                                    dead_links=2, corrupt_files=2, malformed_rows=2)
@@ -134,16 +137,19 @@ def reduced_study(clone: Path, port: int) -> dict:
     demo["finetune"].update(fit_samples=128, steps=10, batch_size=32, warmup_steps=2, log_every=5)
     demo["pretrain"].update(epochs=2, batch_size=32, warmup_steps=5, val_samples=128, log_every=1)
     (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (clone / "dvc.yaml").write_text(render(params))  # DVC's view of the reduced study (`dinorankclip dvc-yaml`)
     return params
 
 
 def evaluation_json_count(clone: Path, study: str = "demo") -> int:
     """The JSONs the evaluate stage writes in a clone's study: per evaluated run, one per zero-shot suite, one per
     linear-probe dataset and one for the modality gap."""
+    from dinorankclip.config import evaluated_runs, seeded
+
     params = yaml.safe_load((clone / "params.yaml").read_text())
     ev = params["studies"][study]["evaluate"]
     per_run = len(ev["suites"]) + len(ev.get("linear_probe", {}).get("datasets", [])) + bool(ev.get("modality_gap"))
-    return per_run * (len(params["runs"]) + len(params["finetune_runs"]))
+    return per_run * len(seeded(params, evaluated_runs(params, study), study))
 
 
 def snakemake(clone: Path, args: list[str], timeout: int, log: Path | None = None) -> str:

@@ -2,10 +2,12 @@
 V5 trained with the true teacher features against V5 trained with the same features shuffled across images, on the
 demo world, scored zero-shot on demo-shape.
 
-Both runs have the same capacity — branch L, fusion, gate and text tower train, the trunk does not — so the margin is
-the information the teacher's features carry about each image. A test configuration, not a registry run: the trunk
-is locked the way open_clip's `lock_image_tower` locks it (parameters and batch-norm statistics), and the shuffled
-cache keeps every key and shape. Usable as a script on a finished demo (prints JSON):
+Both runs have the same capacity — branch L, fusion, gate and text tower train, the trunk's weights do not — so the
+margin is the information the teacher's features carry about each image. A test configuration, not a registry run:
+the trunk's parameters are frozen at their initialisation while its batch norms keep normalising with the batch's
+statistics, as in any training step (frozen at their initial running statistics, 0 and 1, the random ResNet's
+activations were unnormalised and its features carried nothing: a linear probe on its z_g was at chance). The
+shuffled cache keeps every key and shape. Usable as a script on a finished demo (prints JSON):
 
     python tests/teacher_control.py results/demo
 """
@@ -48,8 +50,29 @@ def shuffled_cache(teacher_dir: Path, out: Path, seed: int = 0) -> Path:
     return out
 
 
-def train_frozen_trunk(cfg: dict, study: Path, teacher_dir: Path, out: Path) -> Path:
-    """Pretrain `cfg`'s run with the image tower locked at its initialisation; the exported model's folder."""
+class Distillation:
+    """A tracker that keeps the distillation terms of the first and the last logged step."""
+
+    run_id = None
+    keys = ("loss/distill_feature", "loss/distill_relational")
+
+    def __init__(self) -> None:
+        self.first: dict[str, float] = {}
+        self.last: dict[str, float] = {}
+
+    def log_metrics(self, metrics, step) -> None:
+        values = {k: float(metrics[k]) for k in self.keys if k in metrics}
+        if values:
+            self.first = self.first or values
+            self.last = values
+
+    def __getattr__(self, name):  # flush, log_artifact, set_tags, ...: nothing to record
+        return lambda *args, **kwargs: None
+
+
+def train_frozen_trunk(cfg: dict, study: Path, teacher_dir: Path, out: Path, tracker=None) -> Path:
+    """Pretrain `cfg`'s run with the image tower's weights frozen at their initialisation; the exported model's
+    folder."""
     from dinorankclip.tracking import NullTracker
     from dinorankclip.train import pretrain
 
@@ -57,14 +80,15 @@ def train_frozen_trunk(cfg: dict, study: Path, teacher_dir: Path, out: Path) -> 
 
     def locked(*args, **kwargs):
         student, *rest = build(*args, **kwargs)
-        student.model.visual.lock(0, freeze_bn_stats=True)
+        student.model.visual.tower.requires_grad_(False)
         return (student, *rest)
 
     pretrain.build_student = locked
     try:
         out.mkdir(parents=True)
         pretrain.pretrain(cfg, study / "data", {"teacher": teacher_dir, "teacher_weights": study / "teacher_weights",
-                                                "captions": study / "captions"}, out, NullTracker(), out / "state")
+                                                "captions": study / "captions"}, out, tracker or NullTracker(),
+                          out / "state")
     finally:
         pretrain.build_student = build
     return out / "model"
@@ -82,8 +106,9 @@ def shape_accuracy(cfg: dict, model_dir: Path) -> float:
 
 def probe_accuracies(cfg: dict, model_dir: Path) -> dict[str, float]:
     """Where the shape information is, after training: the linear probe's demo-shape top-1 (clip-benchmark's
-    protocol, the evaluate stage's own) on the tower's z_g, on the branch's fused δ = P(z_loc) and on the injected
-    z. A teacher that reached branch L but not z shows as a high probe on δ beside a low one on z."""
+    protocol, the evaluate stage's own) on branch L's maps (the distilled ones), on the tower's z_g, on the fused
+    δ = P(z_loc) and on the injected z. A teacher that reached branch L but not z shows as a high probe on the maps
+    beside a low one on δ or z."""
     import torch
 
     from dinorankclip.eval.linear_probe import linear_probe
@@ -95,13 +120,14 @@ def probe_accuracies(cfg: dict, model_dir: Path) -> dict[str, float]:
 
     @torch.no_grad()
     def features(split: str) -> dict[str, tuple]:
-        out: dict[str, list] = {"z_g": [], "delta": [], "z": []}
+        out: dict[str, list] = {"branch_maps": [], "z_g": [], "delta": [], "z": []}
         targets = []
         data = build("wds/demo-shape", "linear_probe", ev, transform, split)
         for images, target in _loader(data, ev, "wds/demo-shape", split):
             f = visual.features(images)
             delta = visual.fusion(f.maps)
-            for name, x in (("z_g", f.z_g), ("delta", delta), ("z", f.z)):
+            maps = torch.cat([m.flatten(1) for m in f.maps], dim=1)  # what branch L learned to say, every position
+            for name, x in (("branch_maps", maps), ("z_g", f.z_g), ("delta", delta), ("z", f.z)):
                 out[name].append(torch.nn.functional.normalize(x.float(), dim=-1))
             targets.append(torch.as_tensor(target))
         y = torch.cat(targets)
@@ -126,12 +152,14 @@ def control(study: Path, work: Path, threads: int = 2, diagnose: bool = False) -
     cfg["evaluate"]["dataset_root"] = str(study / "source" / "eval" / "wds_{dataset_cleaned}")
     torch.set_num_threads(threads)
     shuffled = shuffled_cache(study / "teacher", work / "teacher-shuffled")
-    models = {name: train_frozen_trunk(cfg, study, teacher, work / name)
+    trackers = {"true": Distillation(), "shuffled": Distillation()}
+    models = {name: train_frozen_trunk(cfg, study, teacher, work / name, trackers[name])
               for name, teacher in (("true", study / "teacher"), ("shuffled", shuffled))}
     scores = {name: shape_accuracy(cfg, model) for name, model in models.items()}
     result = {**scores, "margin": scores["true"] - scores["shuffled"]}
     if diagnose:
         result["diagnosis"] = {name: {"strength": json.loads((model.parent / "metrics.json").read_text())["strength"],
+                                      "distillation_first_last": [trackers[name].first, trackers[name].last],
                                       "probe_shape_top1": probe_accuracies(cfg, model)}
                                for name, model in models.items()}
     return result

@@ -223,5 +223,5 @@ def test_later_params_files_merge_over_earlier_ones_as_snakemake_configfiles_do(
     assert resolve(params, None, "clip")["pretrain"]["max_steps"] == 3
     assert resolve(params, None, "clip")["pretrain"]["lr"] == 5e-4  # the rest of the paper study is kept
     extra.write_text("studies: [unclosed\n")
-    with pytest.raises(ParamsError, match="subset.yaml is not valid YAML"):
+    with pytest.raises(ParamsError, match=r"subset.yaml, line 2, column 1: not valid YAML"):
         load_params([REPO / "params.yaml", extra])

@@ -134,7 +134,8 @@ def test_a_crash_while_writing_leaves_the_previous_checkpoint_loadable(tmp_path,
     monkeypatch.undo()
     saved = checkpoint.load(path)
     assert saved["step"] == 1 and torch.equal(saved["w"], torch.ones(3))
-    assert [p.name for p in tmp_path.iterdir()] == [checkpoint.LATEST]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [checkpoint.LATEST, checkpoint.PREVIOUS]
+    assert checkpoint.load(tmp_path / checkpoint.PREVIOUS)["step"] == 1
 
 
 def test_a_planted_nan_stops_the_run_and_keeps_the_last_good_checkpoint(inputs, tmp_path, monkeypatch):

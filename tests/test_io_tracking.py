@@ -65,10 +65,10 @@ def test_jobs_are_children_of_one_study_run_and_a_resumed_job_continues_its_run(
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     study = tmp_path / "results/demo"
     cfg = {"study": "demo", "run": "clip", "seed": 0}
-    with pytest.raises(Preempted), job_run(cfg, study, "pretrain") as first:
+    with pytest.raises(Preempted), job_run(cfg, study, "pretrain", "fingerprint-1") as first:
         first.log_metrics({"loss": 2.0}, 1)
         raise Preempted("signal")
-    with job_run(cfg, study, "pretrain", resume_run_id=first.run_id) as second:
+    with job_run(cfg, study, "pretrain", "fingerprint-1", resume=True) as second:
         second.log_metrics({"loss": 1.0}, 2)
     with job_run(cfg, study, "evaluate"):
         pass

@@ -79,8 +79,8 @@ def test_online_teacher_sees_what_the_cache_stage_shows_it(cfg, weights_dir):
 def cached(cfg, weights_dir, tmp_path):
     images = make_image_shards(tmp_path / "data", [5, 3])
     (tmp_path / "teacher").mkdir()
-    stats = features.build_feature_cache(cfg, tmp_path / "data", weights_dir, tmp_path / "staging",
-                                         tmp_path / "teacher")
+    stats, _ = features.build_feature_cache(cfg, tmp_path / "data", weights_dir, tmp_path / "staging",
+                                            tmp_path / "teacher")
     return images, stats, tmp_path
 
 
@@ -105,7 +105,8 @@ def test_cache_holds_the_teacher_features_of_each_key(cfg, cached):
         assert cache[key]["cls.npy"].dtype == np.float16 and cache[key]["patches.npy"].shape == (3, 96, 2, 2)
         np.testing.assert_allclose(cache[key]["cls.npy"], cls[0].numpy(), rtol=2e-3, atol=2e-3)
         np.testing.assert_allclose(cache[key]["patches.npy"], patches[0].numpy(), rtol=2e-3, atol=2e-3)
-    assert read_json(root / "teacher/features.json")["shardlist"][1] == {"url": "features/00001.tar", "nsamples": 3}
+    assert read_json(root / "teacher/features.json")["shardlist"][1] == {
+        "url": "features/00001.tar", "nsamples": 3, "filesize": (root / "teacher/features/00001.tar").stat().st_size}
 
 
 def test_coverage_check_names_missing_and_extra_keys(cached, tmp_path):
@@ -143,8 +144,8 @@ def test_killed_job_resumes_without_recomputing_finished_shards(cfg, cached, mon
 
     monkeypatch.setattr(features, "cache_shard", counting)
     (root / "teacher2").mkdir()
-    features.build_feature_cache(cfg, root / "data", root / "teacher_weights", staging, root / "teacher2")
-    assert computed == ["00001.tar"]
+    _, timings = features.build_feature_cache(cfg, root / "data", root / "teacher_weights", staging, root / "teacher2")
+    assert computed == ["00001.tar"] and timings["images_resumed"] == 5 and timings["images_computed"] == 3
     assert {p.name: p.read_bytes() for p in (root / "teacher2/features").iterdir()} == first
 
 
@@ -154,8 +155,8 @@ def test_pca_keeps_the_top_principal_directions_of_each_block(cfg, weights_dir, 
     images = make_image_shards(tmp_path / "data", [6])
     cfg["teacher"].update(pca_dim=4, pca_sample=6)
     (tmp_path / "teacher").mkdir()
-    stats = features.build_feature_cache(cfg, tmp_path / "data", weights_dir, tmp_path / "staging",
-                                         tmp_path / "teacher")
+    stats, _ = features.build_feature_cache(cfg, tmp_path / "data", weights_dir, tmp_path / "staging",
+                                            tmp_path / "teacher")
     assert stats["patch_channels"] == 4
     cache = read_features(tmp_path / "teacher/features/00000.tar")
     model = load_teacher(cfg["teacher"], weights_dir / WEIGHTS_FILE, torch.device("cpu"))

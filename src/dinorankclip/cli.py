@@ -35,6 +35,7 @@ from dinorankclip.config import (
 from dinorankclip.faults import kill_point
 from dinorankclip.io import atomic_dir, atomic_write_bytes, write_json
 from dinorankclip.layout import stage_dir, state_dir, study_dir
+from dinorankclip.timings import record as record_timings
 
 log = logging.getLogger("dinorankclip")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -123,9 +124,11 @@ def cmd_teacher_weights(cfg: dict, args, tracker) -> None:
     study = cfg["study"]
     with atomic_dir(stage_dir(study, "teacher_weights")) as out:
         stats = build_teacher_weights(cfg, stage_dir(study, "source"), stage_dir(study, "data"), out)
+        timings = {key: stats.pop(key) for key in ("train_seconds",) if key in stats}  # the demo teacher's clock
         write_config(cfg, out)
         write_json(out / "stats.json", stats)
     tracker.log_metrics({f"val_accuracy/{k}": v for k, v in stats.get("val_accuracy", {}).items()}, step=0)
+    record_timings(cfg, "teacher_weights", timings, tracker)
 
 
 def cmd_teacher(cfg: dict, args, tracker) -> None:
@@ -134,10 +137,11 @@ def cmd_teacher(cfg: dict, args, tracker) -> None:
     log_startup()
     study = cfg["study"]
     with atomic_dir(stage_dir(study, "teacher")) as out:
-        stats = build_feature_cache(cfg, stage_dir(study, "data"), stage_dir(study, "teacher_weights"),
-                                    state_dir(study, "teacher"), out)
+        stats, timings = build_feature_cache(cfg, stage_dir(study, "data"), stage_dir(study, "teacher_weights"),
+                                             state_dir(study, "teacher"), out)
         write_config(cfg, out)
     tracker.log_metrics({k: v for k, v in stats.items() if isinstance(v, int | float)}, step=0)
+    record_timings(cfg, "teacher", timings, tracker)
 
 
 def cmd_captions(cfg: dict, args, tracker) -> None:
@@ -153,7 +157,7 @@ def cmd_captions(cfg: dict, args, tracker) -> None:
 
 def cmd_pretrain(cfg: dict, args, tracker) -> None:
     """Rank 0 writes the output directory; under torchrun the other ranks train alongside and write nothing."""
-    from dinorankclip.train.pretrain import pretrain
+    from dinorankclip.train.pretrain import TIMING_KEYS, pretrain
 
     log_startup()
     study, job = cfg["study"], (cfg["run"], cfg["seed"])
@@ -164,8 +168,9 @@ def cmd_pretrain(cfg: dict, args, tracker) -> None:
         return
     with atomic_dir(stage_dir(study, "pretrain", *job)) as out:
         write_config(cfg, out)
-        pretrain(cfg, *inputs, out, tracker, state)
+        metrics = pretrain(cfg, *inputs, out, tracker, state)
     tracker.log_artifact(stage_dir(study, "pretrain", *job) / "metrics.json")
+    record_timings(cfg, "pretrain", {key: metrics[key] for key in TIMING_KEYS}, tracker)
 
 
 def finetune_dirs(cfg: dict) -> dict[str, Path]:
@@ -179,6 +184,7 @@ def finetune_dirs(cfg: dict) -> dict[str, Path]:
 def cmd_finetune(cfg: dict, args, tracker) -> None:
     """Rank 0 writes the output directory; under torchrun the other ranks train alongside and write nothing."""
     from dinorankclip.train.ddp import launched_rank
+    from dinorankclip.train.finetune import TIMING_KEYS as FINETUNE_TIMING_KEYS
     from dinorankclip.train.finetune import finetune
 
     log_startup()
@@ -188,8 +194,9 @@ def cmd_finetune(cfg: dict, args, tracker) -> None:
         return
     with atomic_dir(done) as out:
         write_config(cfg, out)
-        finetune(cfg, finetune_dirs(cfg), out, tracker, args.source)
+        metrics = finetune(cfg, finetune_dirs(cfg), out, tracker, args.source)
     tracker.log_artifact(done / "metrics.json")
+    record_timings(cfg, "finetune", {key: metrics[key] for key in FINETUNE_TIMING_KEYS}, tracker)
 
 
 def preflight_finetune(cfg: dict, args) -> None:
@@ -363,9 +370,7 @@ def run(argv: list[str] | None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        params = load_params(args.params)
-        if args.study:
-            params = {**params, "study": args.study}
+        params = load_params(args.params, args.study)
         if args.command == "dvc-yaml":
             cmd_dvc_yaml(params, args)
             return 0
@@ -397,6 +402,7 @@ def run(argv: list[str] | None) -> int:
     args.model_stage = model_stage(params, cfg.get("run", ""))
     if args.command == "report":
         args.report_spec = report_spec(params, cfg)
+    from dinorankclip.errors import InputError
     from dinorankclip.train.preemption import EXIT_STATUS, Preempted
 
     try:
@@ -405,25 +411,32 @@ def run(argv: list[str] | None) -> int:
     except Preempted as stop:
         log.warning("%s", stop)
         return EXIT_STATUS
+    except InputError as err:  # a bad input file: one message naming it, as for bad parameters
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     log.info(FINISHED_LINE, process_age(), cpu_seconds())
     return 0
 
 
 @contextlib.contextmanager
 def tracked(cfg: dict, stage: str):
-    """The job's MLflow run: rank 0 only under torchrun; a preempted pretraining job continues its own run."""
-    from dinorankclip.tracking import NullTracker, job_run
+    """The job's MLflow run (rank 0 only under torchrun), keyed by what the job computes: a training by its checkpoint
+    fingerprint, so a preempted or killed job continues its own run and a job of other settings starts a new one."""
+    from dinorankclip.tracking import NullTracker, job_key, job_run
     from dinorankclip.train.ddp import launched_rank
 
     if launched_rank() != 0:
         yield NullTracker()
         return
-    resume_id = None
-    if stage == "pretrain" and cfg["pretrain"]["resume"] == "latest":
-        from dinorankclip.train.pretrain import resumable_run_id
+    study = study_dir(cfg["study"])
+    key, resume = job_key(study, stage, cfg), False
+    if stage == "pretrain":
+        from dinorankclip.train.pretrain import tracking_key
 
-        resume_id = resumable_run_id(state_dir(cfg["study"], "pretrain", cfg["run"], cfg["seed"]))
-    with job_run(cfg, study_dir(cfg["study"]), stage, resume_id) as tracker:
+        stamp, resume = tracking_key(cfg, stage_dir(cfg["study"], "data"),
+                                     state_dir(cfg["study"], "pretrain", cfg["run"], cfg["seed"]))
+        key = job_key(study, stage, cfg, stamp)
+    with job_run(cfg, study, stage, key, resume) as tracker:
         yield tracker
 
 

@@ -64,9 +64,20 @@ def _describe(error: jsonschema.ValidationError) -> str:
     return f"{_key_path(path)}: {error.message}"
 
 
+def _strict_integer(checker, instance) -> bool:
+    return isinstance(instance, int) and not isinstance(instance, bool)
+
+
+# JSON Schema counts 1.0 as an integer; YAML's `epochs: 1.0` is a float that range() and slicing refuse later, so
+# every `type: integer` of the schema takes only true integers.
+StrictValidator = jsonschema.validators.extend(
+    jsonschema.Draft202012Validator,
+    type_checker=jsonschema.Draft202012Validator.TYPE_CHECKER.redefine("integer", _strict_integer))
+
+
 def validate_params(params: Mapping[str, Any], source: str = PARAMS_FILE) -> None:
     """Check `params` against the JSON schema and the cross-key rules; raise ParamsError naming each bad key."""
-    validator = jsonschema.Draft202012Validator(load_schema())
+    validator = StrictValidator(load_schema())
     problems = [_describe(e) for e in sorted(validator.iter_errors(params), key=lambda e: list(e.absolute_path))]
     if not problems:
         problems = _cross_key_problems(params)
@@ -80,16 +91,12 @@ def _cross_key_problems(params: Mapping[str, Any]) -> list[str]:
     if params["study"] not in params["studies"]:
         problems.append(f"study: '{params['study']}' is not one of studies ({', '.join(params['studies'])})")
     problems += _finetune_problems(params, params.get("finetune_runs", {}), "finetune_runs")
-    known = set(params["runs"]) | set(params.get("aliases", {})) | set(params.get("finetune_runs", {})) | {
-        name for block in params["studies"].values() for name in block.get("finetune_runs", {})}
-    for i, pair in enumerate(params["report"].get("comparisons", [])):
-        problems += [f"report.comparisons.{i}.{key}: '{pair[key]}' is not a run, an alias or a fine-tuned run"
-                     for key in ("run", "against") if pair[key] not in known]
     for alias, run in params.get("aliases", {}).items():
         if alias in params["runs"]:
             problems.append(f"aliases.{alias}: is also the name of a run")
         if run not in params["runs"]:
             problems.append(f"aliases.{alias}: names '{run}', which is not in runs")
+    problems += _report_problems(params)
     for study in params["studies"]:
         for run in params["runs"]:
             cfg = resolve(params, study, run)
@@ -108,6 +115,31 @@ def _cross_key_problems(params: Mapping[str, Any]) -> list[str]:
         if len(names) > 1 and "{dataset_cleaned}" not in ev["dataset_root"] and "{dataset}" not in ev["dataset_root"]:
             problems.append(f"studies.{study}.evaluate.dataset_root: must contain {{dataset_cleaned}} or {{dataset}} "
                             "to hold several suites")
+    return problems
+
+
+def _report_problems(params: Mapping[str, Any]) -> list[str]:
+    """A report table lists runs or aliases of the registry, each once: an unknown name would otherwise make the
+    report skip the whole table as if the study did not train it; a declared comparison names runs, aliases or
+    fine-tuned runs."""
+    problems, aliases = [], params.get("aliases", {})
+    known = set(params["runs"]) | set(aliases) | set(params.get("finetune_runs", {})) | {
+        name for block in params["studies"].values() for name in block.get("finetune_runs", {})}
+    for i, pair in enumerate(params["report"].get("comparisons", [])):
+        problems += [f"report.comparisons.{i}.{key}: '{pair[key]}' is not a run, an alias or a fine-tuned run"
+                     for key in ("run", "against") if pair[key] not in known]
+    for table, names in params["report"].items():
+        if table == "comparisons":
+            continue
+        for name in names:
+            if name not in params["runs"] and name not in aliases:
+                tuned = " (a fine-tuned run: the kuea table lists those)" if name in params.get("finetune_runs", {}) \
+                    else ""
+                problems.append(f"report.{table}: '{name}' is not a run or an alias of the registry{tuned}")
+        canonical = [canonical_run(params, name) for name in names]
+        twice = sorted({name for name in canonical if canonical.count(name) > 1})
+        if twice:
+            problems.append(f"report.{table}: lists a run twice (aliases count as their run): {', '.join(twice)}")
     return problems
 
 
@@ -173,9 +205,10 @@ def _caption_problems(cfg: Mapping[str, Any], study: str, run: str) -> list[str]
     return problems
 
 
-def load_params(paths: str | os.PathLike | list | None = None) -> dict:
+def load_params(paths: str | os.PathLike | list | None = None, study: str | None = None) -> dict:
     """The validated parameters: Snakemake's merged config when running under the workflow, else the file(s),
-    later files merged over earlier ones (as Snakemake merges --configfile over its configfile)."""
+    later files merged over earlier ones (as Snakemake merges --configfile over its configfile); `study` (the
+    command line's --study) replaces the file's `study` before validation."""
     if not paths and os.environ.get(PARAMS_ENV):
         params, source = json.loads(os.environ[PARAMS_ENV]), f"${PARAMS_ENV}"
     else:
@@ -184,13 +217,29 @@ def load_params(paths: str | os.PathLike | list | None = None) -> dict:
         for file in files:
             if not file.is_file():
                 raise ParamsError(f"parameter file {file} not found (run from the project root or pass --params)")
-            try:
-                params = deep_merge(params, yaml.safe_load(file.read_text()) or {})
-            except yaml.YAMLError as err:
-                raise ParamsError(f"{file} is not valid YAML: {err}") from None
+            params = deep_merge(params, read_params_file(file))
         source = " + ".join(map(str, files))
+    if study is not None:
+        params, source = {**params, "study": study}, f"{source} with --study"
     validate_params(params, source)
     return params
+
+
+def read_params_file(file: str | os.PathLike) -> dict:
+    """A parameter file's YAML; a syntax error is one ParamsError naming the file, line and column (the Snakefile
+    reads params.yaml through this first: Snakemake's own message gives no line)."""
+    file = Path(file)
+    try:
+        loaded = yaml.safe_load(file.read_text())
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ParamsError(f"{file}{where}: not valid YAML: {err.problem or err.context}") from None
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{file}: not valid YAML: {err}") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ParamsError(f"{file}: holds a YAML {type(loaded).__name__}, not a mapping of parameters")
+    return loaded or {}
 
 
 def deep_merge(base: Mapping[str, Any], delta: Mapping[str, Any]) -> dict:

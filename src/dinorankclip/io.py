@@ -7,6 +7,7 @@ so outputs on a shared cluster filesystem are as readable to the group as anythi
 from __future__ import annotations
 
 import contextlib
+import filecmp
 import glob
 import hashlib
 import json
@@ -34,9 +35,24 @@ def remove_leftovers(final: Path) -> None:
         shutil.rmtree(leftover, ignore_errors=True)
 
 
+# Files a workflow tool keeps inside an output folder for its own bookkeeping, not part of the stage's result.
+TOOL_FILES = frozenset({".snakemake_timestamp"})
+
+
+def same_tree(a: Path, b: Path) -> bool:
+    """Whether folders `a` and `b` hold the same files with the same bytes (tool bookkeeping files aside)."""
+    def listing(root: Path) -> list[str]:
+        return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name not in TOOL_FILES)
+
+    files = listing(a)
+    return files == listing(b) and all(filecmp.cmp(a / name, b / name, shallow=False) for name in files)
+
+
 @contextlib.contextmanager
 def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
-    """Yield a fresh temporary directory next to `final`; on success it replaces `final` in one rename.
+    """Yield a fresh temporary directory next to `final`; on success it replaces `final` in one rename. When `final`
+    already holds exactly what was written (a rerun of unchanged work: DVC keeps outputs in place, `persist`), the
+    existing folder stays, with its times and Snakemake's timestamp, and the new copy is dropped.
 
     Leftovers of an earlier killed attempt at `final` are removed first."""
     final = Path(final)
@@ -46,6 +62,9 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
     tmp.mkdir(mode=0o777)  # the umask applies
     try:
         yield tmp
+        if final.is_dir() and same_tree(tmp, final):
+            log.info("%s: unchanged, kept as it was", final)
+            return
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -104,3 +123,22 @@ def prepare_staging(staging: Path, stamp: str) -> None:
         shutil.rmtree(staging)
     staging.mkdir(parents=True, exist_ok=True)
     stamp_file.write_text(stamp)
+
+
+def write_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None) -> None:
+    """A safetensors file whose bytes depend only on its contents, written atomically.
+
+    safetensors keeps `__metadata__` in a hash map, so two saves of the same tensors with two or more metadata
+    entries differ in key order from process to process, and DVC sees a changed file. The header is rewritten
+    with the metadata sorted (tensor entries keep safetensors' own order; data offsets are relative to the end
+    of the header, so its length may change), padded with spaces to 8 bytes as safetensors pads it."""
+    from safetensors.torch import save
+
+    data = save(tensors, metadata=metadata)
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + length])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    atomic_write_bytes(path, len(text).to_bytes(8, "little") + text + data[8 + length:])

@@ -3,7 +3,8 @@
 Declared outputs (Snakemake outputs, DVC outs) are `results/<study>/<stage>`, or `results/<study>/<stage>/<run>/seed<k>`
 for the per-run stages (a (run, seed) pair is the unit of training and evaluation). Resumable work in progress
 lives under `results/<study>/state/`, which is no stage's output: Snakemake deletes the outputs of a
-failed job, and a preempted job must find its staging and checkpoints again.
+failed job, and a preempted job must find its staging and checkpoints again. Measured durations of a job live in
+`results/<study>/timings/` (`dinorankclip.timings`), also no stage's output: they differ on every run.
 """
 
 from __future__ import annotations
@@ -34,3 +35,9 @@ def stage_dir(study: str, stage: str, run: str | None = None, seed: int | None =
 
 def state_dir(study: str, stage: str, run: str | None = None, seed: int | None = None) -> Path:
     return _under(study_dir(study) / "state" / stage, run, seed)
+
+
+def timings_file(study: str, stage: str, run: str | None = None, seed: int | None = None) -> Path:
+    """`results/<study>/timings/<stage>.json`, or `.../timings/<stage>/<run>/seed<k>.json` for a per-run job."""
+    base = study_dir(study) / "timings" / stage
+    return base.with_suffix(".json") if run is None else _under(base, run, seed).with_suffix(".json")

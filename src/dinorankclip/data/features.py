@@ -23,7 +23,8 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from dinorankclip.data.loader import IMAGE_KEYS
+from dinorankclip.data.loader import IMAGE_KEYS, check_shards
+from dinorankclip.faults import kill_point
 from dinorankclip.io import fingerprint, prepare_staging, read_json, write_json
 from dinorankclip.models.clip import model_config
 from dinorankclip.models.teacher import WEIGHTS_FILE, load_teacher, teacher_features, teacher_transform
@@ -124,9 +125,11 @@ def coverage(image_shards: list[Path], feature_shards: list[Path]) -> dict:
     return {"shards": len(feature_shards), "checked": True}
 
 
-def build_feature_cache(cfg: dict, data_dir: Path, weights_dir: Path, staging: Path, out: Path) -> dict:
-    """Features for every image of the study's shards, shard by shard (resumable), then moved into `out`."""
+def build_feature_cache(cfg: dict, data_dir: Path, weights_dir: Path, staging: Path, out: Path) -> tuple[dict, dict]:
+    """Features for every image of the study's shards, shard by shard (resumable), then moved into `out`; return
+    (stats, as written to `stats.json`; timings of this job, which stay out of the output)."""
     teacher = cfg["teacher"]
+    check_shards(data_dir / "shards.json")
     index = read_json(data_dir / "shards.json")
     image_shards = [data_dir / entry["url"] for entry in index["shardlist"]]
     weights = weights_dir / WEIGHTS_FILE
@@ -153,6 +156,7 @@ def build_feature_cache(cfg: dict, data_dir: Path, weights_dir: Path, staging: P
         n = cache_shard(model, shard, dest, transform, teacher, device, pca)
         computed += n
         progress.update(n)
+        kill_point("teacher:shard")
     progress.close()
     seconds = time.perf_counter() - start
 
@@ -165,15 +169,17 @@ def build_feature_cache(cfg: dict, data_dir: Path, weights_dir: Path, staging: P
     stats = coverage(image_shards, feature_shards)
     nbytes = sum(p.stat().st_size for p in feature_shards)
     stats.update(images=total, bytes=nbytes, bytes_per_image=nbytes / total,
-                 cc3m_projected_gb=nbytes / total * CC3M_PAIRS / 1e9,
-                 images_per_s=computed / seconds if computed else None, model=teacher["model"],
+                 cc3m_projected_gb=nbytes / total * CC3M_PAIRS / 1e9, model=teacher["model"],
                  blocks=teacher["blocks"], grid=teacher["grid"], dtype="float16",
                  patch_channels=pca["components"].shape[2] if pca else model.embed_dim)
     write_json(out / "features.json", {"__kind__": "wids-shard-index-v1", "wids_version": 1,
                                        "name": f"{cfg['study']}-teacher", "shardlist": [
-                                           {"url": f"features/{p.name}", "nsamples": e["nsamples"]}
+                                           {"url": f"features/{p.name}", "nsamples": e["nsamples"],
+                                            "filesize": p.stat().st_size}
                                            for p, e in zip(feature_shards, index["shardlist"], strict=True)]})
     write_json(out / "stats.json", stats)
     log.info("teacher cache: %d images, %.1f KB/image, CC3M projection %.1f GB", total,
              stats["bytes_per_image"] / 1e3, stats["cc3m_projected_gb"])
-    return stats
+    timings = {"seconds": seconds, "images_computed": computed, "images_resumed": total - computed,
+               "images_per_s": computed / seconds if computed else None, "device": device.type}
+    return stats, timings

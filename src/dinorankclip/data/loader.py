@@ -13,7 +13,9 @@ memory (`PairCache`, when `pretrain.sample_cache_mb` holds it) instead of decodi
 from __future__ import annotations
 
 import io
+import json
 import logging
+import tarfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,6 +26,8 @@ import torch
 import wids
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+from dinorankclip.errors import InputError
 
 log = logging.getLogger(__name__)
 IMAGE_KEYS = (".jpg", ".jpeg", ".png", ".webp")
@@ -40,8 +44,47 @@ class Batch(NamedTuple):
     captions: torch.Tensor | None = None
 
 
+def tar_sample_count(path: Path) -> int:
+    """Samples in a tar shard as wids counts them (consecutive members sharing the part of the name before the
+    first dot); an InputError naming the file when it is unreadable or ends inside a member."""
+    size, count, last = path.stat().st_size, 0, None
+    try:
+        with tarfile.open(path) as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                if member.offset_data + member.size > size:
+                    raise InputError(f"{path}: ends inside {member.name} (truncated)")
+                key = member.name.split("/")[-1].split(".", 1)[0]
+                if key != last:
+                    count, last = count + 1, key
+    except (tarfile.TarError, OSError, EOFError) as err:
+        raise InputError(f"{path}: not a readable tar shard ({err})") from None
+    return count
+
+
+def check_shards(index: Path) -> None:
+    """Every shard of a wids index is there as the index describes it: its recorded size (`filesize`, written by
+    the data and teacher stages), else its sample count. A shard cut short (a full disk, a partial copy) would
+    otherwise end in an IndexError from wids after some steps of training, naming nothing."""
+    for entry in json.loads(index.read_text())["shardlist"]:
+        path = index.parent / entry["url"]
+        if not path.is_file():
+            raise InputError(f"{index}: shard {entry['url']} is missing ({path})")
+        if "filesize" in entry:
+            if path.stat().st_size != entry["filesize"]:
+                raise InputError(f"{path}: {path.stat().st_size} bytes, but {index} records {entry['filesize']}: "
+                                 "the shard was truncated or replaced; rebuild the stage that wrote it")
+            continue
+        found = tar_sample_count(path)
+        if found != entry["nsamples"]:
+            raise InputError(f"{path}: {found} samples, but {index} lists {entry['nsamples']}; rebuild the stage "
+                             "that wrote it")
+
+
 def open_shards(index: Path) -> wids.ShardListDataset:
-    """The samples of a wids shard index, by random access."""
+    """The samples of a wids shard index, by random access, after `check_shards`."""
+    check_shards(index)
     # identity localname: read the shards where they are instead of copying them into a cache
     return wids.ShardListDataset(str(index), localname=lambda url: url, transformations=[])
 

@@ -19,6 +19,7 @@ from clip_benchmark.datasets.builder import build_dataset
 from torch.utils.data import DataLoader
 
 from dinorankclip.config import benchmark_name
+from dinorankclip.eval.checks import check_class_names, check_templates, check_wds_split
 from dinorankclip.eval.features import cached_features, featurize
 from dinorankclip.eval.linear_probe import linear_probe
 from dinorankclip.eval.modality_gap import gap_analysis, paired_embeddings
@@ -69,7 +70,22 @@ def build(dataset: str, task: str, ev: dict, transform, split: str = "test"):
     if local and dataset.startswith("wds/") and not (Path(root) / split / "nshards.txt").is_file():
         raise FileNotFoundError(f"evaluate: dataset {dataset} has no {split} split at {root}/{split} "
                                 f"(clip-benchmark's layout needs {split}/nshards.txt and {split}/0.tar ...)")
-    return build_dataset(dataset_name=dataset, root=root, transform=transform, split=split, task=task, download=False)
+    built = build_dataset(dataset_name=dataset, root=root, transform=transform, split=split, task=task,
+                          download=False)
+    if local and dataset.startswith("wds/"):
+        check_suite(Path(root), split, task, built)
+    return built
+
+
+def check_suite(root: Path, split: str, task: str, dataset) -> None:
+    """A local webdataset suite's class names, templates, labels and captions agree (`dinorankclip.eval.checks`)."""
+    classes = None
+    if task in ("zeroshot_classification", "linear_probe"):
+        classes = dataset.classes
+        check_class_names(root, classes)
+    if task == "zeroshot_classification":
+        check_templates(root, dataset.templates)
+    check_wds_split(root, split, task, len(classes) if classes else None)
 
 
 def split_size(root: str, split: str = "test") -> int | None:
@@ -93,7 +109,7 @@ def evaluate_suite(model, transform, tokenizer, suite: dict, ev: dict, device: s
     result = {"dataset": suite["dataset"], "task": suite["task"], "language": "en"}
     if suite["task"] == "zeroshot_classification":
         result["metrics"], correct = classification_metrics(model, loader, tokenizer, dataset.classes,
-                                                            dataset.templates, device, amp)
+                                                            dataset.templates, device, amp, suite["dataset"])
         result["classnames"] = list(dataset.classes)
         items = {"n": len(correct), "correct_top1": "".join("1" if c else "0" for c in correct)}
     elif suite["task"] == "zeroshot_retrieval":

@@ -13,6 +13,8 @@ import torch
 from clip_benchmark.metrics import zeroshot_classification, zeroshot_retrieval
 from sklearn.metrics import balanced_accuracy_score
 
+from dinorankclip.errors import InputError
+
 
 def topk_accuracy(logits: torch.Tensor, target: torch.Tensor, topk: tuple[int, ...]) -> list[float]:
     """Fraction of rows whose target is among the k largest logits, for each k: hits / rows, as clip-benchmark."""
@@ -21,12 +23,24 @@ def topk_accuracy(logits: torch.Tensor, target: torch.Tensor, topk: tuple[int, .
     return [hit[:, :k].any(dim=1).sum().item() / len(target) for k in topk]
 
 
-def classification_metrics(model, dataloader, tokenizer, classnames, templates, device: str,
-                           amp: bool) -> tuple[dict, list[bool]]:
+def check_targets(target: torch.Tensor, classnames, dataset: str) -> None:
+    """Every label indexes a class name. A local webdataset suite is checked sample by sample before this
+    (`dinorankclip.eval.checks`); this catches any other dataset, whose samples have only their position."""
+    bad = ((target < 0) | (target >= len(classnames))).nonzero().flatten()
+    if len(bad):
+        first = bad[0].item()
+        raise InputError(f"{dataset}: sample {first} (in loader order) has label {target[first].item()}, outside its "
+                         f"{len(classnames)} class names; {len(bad)} such sample(s): the class list does not match "
+                         "the labels")
+
+
+def classification_metrics(model, dataloader, tokenizer, classnames, templates, device: str, amp: bool,
+                           dataset: str = "the dataset") -> tuple[dict, list[bool]]:
     """clip-benchmark's three metrics, and whether each test item's top-1 prediction is right (in the dataset's
     order: what a McNemar test between two models on one seed compares)."""
     classifier = zeroshot_classification.zero_shot_classifier(model, tokenizer, classnames, templates, device, amp)
     logits, target = zeroshot_classification.run_classification(model, classifier, dataloader, device, amp=amp)
+    check_targets(target, classnames, dataset)
     if len(classnames) >= 5:
         acc1, acc5 = topk_accuracy(logits, target, (1, 5))
     else:

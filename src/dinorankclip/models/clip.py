@@ -17,8 +17,9 @@ from pathlib import Path
 
 import open_clip
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from dinorankclip.io import write_safetensors
 from dinorankclip.models.injection import InjectedImageEncoder, default_taps, tap_widths
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -68,7 +69,7 @@ def export_local_dir(model: open_clip.CLIP, arch: str, out: Path, injection: dic
         config["injection"] = injection
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(out / WEIGHTS_FILE), metadata={"format": "pt", "arch": arch})
+    write_safetensors(out / WEIGHTS_FILE, state, {"format": "pt", "arch": arch})  # byte-stable: DVC tracks it
 
 
 def load_local_dir(path: Path, device: str | torch.device = "cpu"):

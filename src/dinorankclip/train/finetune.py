@@ -59,6 +59,8 @@ from dinorankclip.train.pretrain import setup_torch
 from dinorankclip.train.step import autocast
 
 log = logging.getLogger(__name__)
+# what finetune returns beside metrics.json: measured, so kept out of the DVC-tracked output (dinorankclip.timings)
+TIMING_KEYS = ("fit_seconds", "train_seconds", "device_hours", "device_hours_unit")
 TeacherCLS = Callable[[ImageBatch, torch.Tensor], torch.Tensor]
 
 
@@ -262,10 +264,9 @@ def finetune(cfg: dict, dirs: dict[str, Path], out: Path | None, tracker: Tracke
                "reg_first": first.reg.item(), "reg_last": last.reg.item(),
                "train_loss_first": step_losses[0], "train_loss_last": step_losses[-1],
                "frozen_unchanged": True, "flops_per_step": flops_per_step, "train_flops": flops_per_step * ft["steps"],
-               "fit_seconds": fit_seconds, "train_seconds": seconds, "device": str(device),
-               "world_size": world.size, "device_hours": hours, "device_hours_unit": unit}
-    write_json(out / "metrics.json", metrics)
+               "device": str(device), "world_size": world.size}
+    write_json(out / "metrics.json", metrics)  # a function of the inputs alone: DVC tracks it
     tracker.log_metrics({f"final/{k}": v for k, v in metrics.items()
                          if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)}, ft["steps"])
     ddp.close(world)
-    return metrics
+    return metrics | dict(zip(TIMING_KEYS, (fit_seconds, seconds, hours, unit), strict=True))

@@ -43,10 +43,12 @@ from dinorankclip.train.step import NonFiniteLoss, TrainStep, autocast, update
 from dinorankclip.train.student import Student, distills
 
 log = logging.getLogger(__name__)
+# what export returns beside metrics.json: measured, so kept out of the DVC-tracked output (dinorankclip.timings)
+TIMING_KEYS = ("train_seconds", "device_hours", "device_hours_unit", "peak_flops_per_device", "peak_flops_source",
+               "resumes", "rollbacks")
 # settings that change how a run is executed or observed, not what it computes: a checkpoint stays valid
 EXECUTION_KEYS = ("threads", "workers", "log_every", "checkpoint_every", "resume", "compile", "grad_checkpointing",
                   "deterministic", "sample_cache_mb")
-RUN_ID_FILE = "mlflow_run.json"
 
 
 def setup_torch(seed: int, threads: int, deterministic: bool) -> torch.device:
@@ -90,11 +92,12 @@ def run_fingerprint(cfg: dict, data_dir: Path) -> str:
     return fingerprint([data_dir / "shards.json"], settings)
 
 
-def resumable_run_id(state: Path) -> str | None:
-    """The MLflow run of the job that wrote the checkpoint in `state`, so a resumed job continues it."""
-    if not (state / checkpoint.LATEST).exists() or not (state / RUN_ID_FILE).exists():
-        return None
-    return read_json(state / RUN_ID_FILE)["run_id"]
+def tracking_key(cfg: dict, data_dir: Path, state: Path) -> tuple[str, bool]:
+    """(the run's fingerprint, whether the job will resume from a checkpoint in `state`): the MLflow run of a
+    training is keyed by the fingerprint, so a job continues the run of its own checkpoint and never one of other
+    settings. Reads the checkpoint's header only (tensors are memory-mapped); an unreadable one is set aside."""
+    stamp = run_fingerprint(cfg, data_dir)
+    return stamp, cfg["pretrain"]["resume"] == "latest" and checkpoint.resumable(state, stamp) is not None
 
 
 def batch_to(batch, device: torch.device):
@@ -204,9 +207,7 @@ def pretrain(cfg: dict, data_dir: Path, stage_dirs: dict[str, Path], out: Path |
     set_lr = make_schedule(optimizer, opt, total_steps)
 
     progress, stamp = Progress(), run_fingerprint(cfg, data_dir)
-    resumed = resume(state, stamp, step_module, optimizer, progress) if opt["resume"] == "latest" else False
-    if world.main:
-        write_json(state / RUN_ID_FILE, {"run_id": tracker.run_id})
+    resumed = resume(state, stamp, step_module, optimizer, progress, world.main) if opt["resume"] == "latest" else False
     trained = ddp.wrap(step_module, world)
     if opt["compile"]:
         student.compile()
@@ -222,6 +223,7 @@ def pretrain(cfg: dict, data_dir: Path, stage_dirs: dict[str, Path], out: Path |
         nonlocal saved_step
         saved_step = progress.step
         if world.main:
+            tracker.flush()  # the metrics up to a checkpoint are stored with it: a resumed job logs only later steps
             checkpoint.save(path, {"fingerprint": stamp, "modules": step_module.state_dict(),
                                    "optimizer": optimizer.state_dict(), "rng": checkpoint.rng_state(),
                                    "progress": progress.state_dict()})
@@ -346,13 +348,11 @@ def _eta(bar: tqdm) -> str:
 
 
 def resume(state: Path, stamp: str, step_module: nn.Module, optimizer: torch.optim.Optimizer,
-           progress: Progress) -> bool:
-    """Load the newest checkpoint in `state` into the modules, optimizer, RNGs and progress, if it fits."""
-    saved = checkpoint.load(state / checkpoint.LATEST)
+           progress: Progress, main: bool = True) -> bool:
+    """Load the newest readable checkpoint of these settings in `state` (`checkpoint.resumable`) into the modules,
+    optimizer, RNGs and progress; the main process sets an unreadable one aside."""
+    saved = checkpoint.resumable(state, stamp, set_aside_corrupt=main)
     if saved is None:
-        return False
-    if saved["fingerprint"] != stamp:
-        log.warning("%s was written for other settings or data; starting afresh", state / checkpoint.LATEST)
         return False
     restore(saved, step_module, optimizer, progress)
     progress.resumes += 1
@@ -394,7 +394,8 @@ def end_epoch(progress: Progress, epoch: int, step_module: TrainStep, dataset: S
 
 def export(cfg: dict, model: nn.Module, spec: dict | None, progress: Progress, state: Path, out: Path,
            world: ddp.World, peak: float, peak_source: str) -> dict:
-    """The final model (`model/`), the best-validation model (`best/`) and the run's metrics into `out`."""
+    """The final model (`model/`), the best-validation model (`best/`) and the run's metrics into `out`; return
+    the metrics with the job's timings (`TIMING_KEYS`), which stay out of `out`."""
     model.eval()
     arch = cfg["model"]["arch"]
     (out / "model").mkdir()
@@ -412,11 +413,11 @@ def export(cfg: dict, model: nn.Module, spec: dict | None, progress: Progress, s
                "val_objective": progress.val_objectives, "strength": progress.strength,
                "best_epoch": progress.best_epoch,
                "best_val_loss": progress.best_val if progress.best_epoch >= 0 else None,
-               "train_seconds": progress.seconds, "device": str(device.type), "world_size": world.size,
-               "device_hours": hours, "device_hours_unit": unit,
-               "train_flops": progress.flops_per_step * progress.step, "flops_per_step": progress.flops_per_step,
+               "device": str(device.type), "world_size": world.size,
+               "train_flops": progress.flops_per_step * progress.step, "flops_per_step": progress.flops_per_step}
+    write_json(out / "metrics.json", metrics)  # a function of the inputs alone: DVC tracks it
+    timings = {"train_seconds": progress.seconds, "device_hours": hours, "device_hours_unit": unit,
                "peak_flops_per_device": peak, "peak_flops_source": peak_source, "resumes": progress.resumes,
                "rollbacks": progress.rollbacks}
-    write_json(out / "metrics.json", metrics)
-    return metrics
+    return metrics | timings
 
