@@ -15,6 +15,15 @@ def repo_params() -> dict:
     return copy.deepcopy(yaml.safe_load((REPO / "params.yaml").read_text()))
 
 
+def only_runs(study: dict, runs: list[str], finetune_runs: dict[str, str]) -> dict:
+    """Cut a study block down to `runs` and `finetune_runs`, dropping the seed lists of runs it no longer trains
+    (the params check refuses seeds for a run the study does not train)."""
+    study.update(runs=runs, finetune_runs=finetune_runs)
+    if "seeds" in study:
+        study["seeds"] = {name: seeds for name, seeds in study["seeds"].items() if name == "default" or name in runs}
+    return study
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -127,7 +136,7 @@ def reduced_study(clone: Path, port: int) -> dict:
 
     params = repo_params()
     demo = params["studies"]["demo"]
-    demo.update(runs=["clip"], finetune_runs={"clip-kuea": "clip"})  # the study's own lists; the registry stays
+    only_runs(demo, ["clip"], {"clip-kuea": "clip"})  # the study's own lists; the registry stays
     demo["source"]["port"] = port
     demo["source"]["world"].update(train_scenes=1000, eval_size=100, retrieval_size=100, probe_train_size=60,
                                    dead_links=2, corrupt_files=2, malformed_rows=2)

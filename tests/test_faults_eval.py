@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import repo_params, venv_env
+from helpers import only_runs, repo_params, venv_env
 
 from dinorankclip.data import demo_suites
 from dinorankclip.data.demo_world import write_eval_suite
@@ -41,7 +41,7 @@ def project(tmp_path) -> Path:
 
     params = repo_params()
     demo = params["studies"]["demo"]
-    demo.update(runs=["clip"], finetune_runs={})
+    only_runs(demo, ["clip"], {})
     demo["evaluate"].update(dataset_root=str(tmp_path / "suites/wds_{dataset_cleaned}"), batch_size=64, suites=[
         {"dataset": "wds/demo-colour", "task": "zeroshot_classification"},
         {"dataset": "wds/demo-retrieval", "task": "zeroshot_retrieval", "recall_k": [1, 5]}])
@@ -75,7 +75,7 @@ def test_a_class_list_one_line_short_and_a_retrieval_sample_without_caption_stop
     assert result.returncode == 0, result.stderr[-3000:]
     out = project / "results/demo/evaluate/clip/seed0"
     assert sorted(p.name for p in out.glob("*.json")) == ["demo-colour.json", "demo-retrieval.json"]
-    published = {p.name: p.read_bytes() for p in out.iterdir()}
+    published = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
 
     colour = project / "suites/wds_demo-colour"
     names = (colour / "classnames.txt").read_text().splitlines()
@@ -97,7 +97,7 @@ def test_a_class_list_one_line_short_and_a_retrieval_sample_without_caption_stop
     assert result.returncode == 2, result.stderr[-3000:]
     assert error_lines(result)[1] == f"  {retrieval}: sample s0000003: no caption (txt is missing or blank)"
     assert "Traceback" not in result.stderr
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == published
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == published
 
 
 def test_class_names_and_templates_are_checked_line_by_line(tmp_path):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import make_image_shards, repo_params, venv_env, write_features
+from helpers import make_image_shards, only_runs, repo_params, venv_env, write_features
 
 from dinorankclip.train import checkpoint
 
@@ -37,7 +37,7 @@ def store(tmp_path_factory) -> str:
 def make_project(root: Path, run: str = "clip", **pretrain) -> Path:
     params = repo_params()
     demo = params["studies"]["demo"]
-    demo.update(runs=[run], finetune_runs={})
+    only_runs(demo, [run], {})
     demo["pretrain"].update(SMALL, **pretrain)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     make_image_shards(root / "results/demo/data", [40, 24])

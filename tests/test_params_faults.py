@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 import yaml
-from helpers import REPO, snapshot_repo, venv_env
+from helpers import REPO, only_runs, snapshot_repo, venv_env
 
 from dinorankclip.config import (
     ParamsError,
@@ -23,7 +23,7 @@ from dinorankclip.dvc_yaml import render
 
 # Keys whose schema type is `number`: a float is as good as an integer there.
 REAL_VALUED = {"w_max", "gate_bias", "weight", "lambda_kd", "relational", "w_reg", "w_kernel", "lr", "weight_decay",
-               "timeout", "val_proportion", "synthetic", "raw"}
+               "timeout", "deadline", "sample_cache_mb", "val_proportion", "synthetic", "raw"}
 
 
 def integer_leaves(node, path=()):
@@ -93,7 +93,7 @@ def test_a_report_table_naming_an_unknown_run_fails_check(params, tmp_path, caps
 def test_a_study_that_does_not_train_a_tables_runs_skips_it_with_a_log_line(params, caplog):
     from dinorankclip.cli import report_runs
 
-    params["studies"]["demo"].update(runs=["clip", "drc-r0", "drc-r1"], finetune_runs={"clip-kuea": "clip"})
+    only_runs(params["studies"]["demo"], ["clip", "drc-r0", "drc-r1"], {"clip-kuea": "clip"})
     validate_params(params)
     with caplog.at_level(logging.INFO, logger="dinorankclip"):
         assert report_runs(params, "demo", "order_sweep") == {}
