@@ -10,8 +10,9 @@ from dinorankclip.config import PARAMS_ENV, validate_params
 configfile: "params.yaml"
 
 
-# A bad parameter stops the workflow here, before any job starts, with a message naming the key.
-validate_params(config, "workflow configuration (params.yaml with --config/--configfile overrides)")
+# A bad parameter stops the workflow here, before any job starts, with a message naming the key. A study that
+# `extends` another is expanded in place, so rules and jobs see its complete block.
+config.update(validate_params(config, "workflow configuration (params.yaml with --config/--configfile overrides)"))
 # Jobs read the configuration the workflow validated, --config overrides included.
 os.environ[PARAMS_ENV] = json.dumps(config)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
