@@ -33,8 +33,15 @@ include: "workflow/rules/report.smk"
 localrules:
     all,
     source,
-    data,
     report,
+
+
+# The download runs for hours on the machine running Snakemake (compute nodes are often offline), unless the study
+# says its cluster's compute nodes reach the web (`data.cluster_job`): then it is a cluster job like the others.
+if not config["studies"][config["study"]]["data"]["cluster_job"]:
+
+    localrules:
+        data,
 
 
 # The teacher and captions stages are listed because dvc.yaml makes every pretraining run depend on them (its

@@ -10,7 +10,9 @@ rule captions:
     params:
         cli=CLI,
         settings=lambda w: settings("captions"),
-    threads: 1
+    threads: cpus(1)
+    resources:
+        cpus_per_task=cpus(1),
     log:
         log_file("captions"),
     benchmark:
