@@ -95,7 +95,7 @@ def cmd_captions(cfg: dict, args, tracker) -> None:
 
 def cmd_pretrain(cfg: dict, args, tracker) -> None:
     """Rank 0 writes the output directory; under torchrun the other ranks train alongside and write nothing."""
-    from dinorankclip.train.pretrain import pretrain
+    from dinorankclip.train.pretrain import pretrain, prune_state
 
     study, job = cfg["study"], (cfg["run"], cfg["seed"])
     inputs = (stage_dir(study, "data"), {name: stage_dir(study, name) for name in READ_BY_PRETRAIN})
@@ -107,6 +107,7 @@ def cmd_pretrain(cfg: dict, args, tracker) -> None:
         write_config(cfg, out)
         pretrain(cfg, *inputs, out, tracker, state)
     tracker.log_artifact(stage_dir(study, "pretrain", *job) / "metrics.json")
+    prune_state(state)
 
 
 def finetune_dirs(cfg: dict) -> dict[str, Path]:
@@ -217,6 +218,12 @@ def parser() -> argparse.ArgumentParser:
             s.add_argument("--seed", type=int, help="training seed of the run (studies.<study>.seeds; default: the "
                                                     "run's first)")
     sub.add_parser("check", help="validate the parameters and print the runs and suites")
+    pre = sub.add_parser("preflight", help="check everything a study needs before it runs (inputs, disk, GPUs, "
+                                           "step time and memory); exit 1 naming the fix of any failure")
+    pre.add_argument("--study", default=argparse.SUPPRESS, help="the study to check (default: `study`)")
+    pre.add_argument("--json", type=Path, metavar="FILE", help="also write every check as JSON")
+    pre.add_argument("--steps", type=int, default=3, help="timed training steps per kind of run (GPU only)")
+    pre.add_argument("--sample", type=int, default=32, help="list images fetched to measure shard bytes per image")
     dvc = sub.add_parser("dvc-yaml", help="write dvc.yaml for the study in the parameters (the DVC view of the DAG)")
     dvc.add_argument("--check", action="store_true", help="only check that dvc.yaml is current (exit 2 if not)")
     return p
@@ -268,6 +275,10 @@ def main(argv: list[str] | None = None) -> int:
     except ParamsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.command == "preflight":
+        from dinorankclip.preflight import main as preflight
+
+        return preflight(params, cfg["study"], args.json, args.steps, args.sample)
     if args.command == "check":
         jobs = seeded(params, run_names(params))
         print(f"study {cfg['study']}: runs {', '.join(run_names(params))}; "
