@@ -7,6 +7,8 @@ batch shaped as the loader yields it. Used by `bench/step.py` and `dinorankclip 
 
 from __future__ import annotations
 
+import functools
+import json
 from pathlib import Path
 
 import open_clip
@@ -25,17 +27,23 @@ def stand_in_teacher(cfg: dict, tmp: Path) -> tuple[dict[str, Path], int]:
     stages = teacher_stages(cfg)
     if not stages:
         return {}, 0
-    teacher = create_teacher(cfg["teacher"])
-    width = min(teacher.embed_dim, cfg["teacher"]["pca_dim"])  # the cache PCA-reduces only a wider teacher
     dirs = {stage: tmp / stage for stage in stages}
     for path in dirs.values():
         path.mkdir()
     if "teacher" in dirs:
+        width = min(teacher_width(cfg["teacher"]["model"], json.dumps(cfg["teacher"]["model_kwargs"], sort_keys=True)),
+                    cfg["teacher"]["pca_dim"])  # the cache PCA-reduces only a wider teacher
         write_json(dirs["teacher"] / "stats.json", {"patch_channels": width})
-    else:
-        save_file({k: v.contiguous() for k, v in teacher.state_dict().items()},
-                  str(dirs["teacher_weights"] / WEIGHTS_FILE))
-    return dirs, width
+        return dirs, width
+    teacher = create_teacher(cfg["teacher"])
+    save_file({k: v.contiguous() for k, v in teacher.state_dict().items()}, str(dirs["teacher_weights"] / WEIGHTS_FILE))
+    return dirs, min(teacher.embed_dim, cfg["teacher"]["pca_dim"])
+
+
+@functools.lru_cache
+def teacher_width(model: str, model_kwargs: str) -> int:
+    """The feature width of a timm teacher (kwargs as JSON), built once per process."""
+    return create_teacher({"model": model, "model_kwargs": json.loads(model_kwargs)}).embed_dim
 
 
 def synthetic_inputs(cfg: dict, model: torch.nn.Module, batch: int, width: int, device: torch.device) -> Inputs:
