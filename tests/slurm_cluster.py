@@ -20,9 +20,9 @@ largest memory, CPU and GPU counts listed there, so the workflow profile's paper
 enforced (`config_overrides`, no task affinity), and its GPUs are placeholder device files (aliases of /dev/null):
 a job gets `CUDA_VISIBLE_DEVICES`, torch finds no CUDA driver and runs on the CPU.
 
-`Cluster(nodes=("localhost", "vm"))` runs one slurmd per name on this host (Debian's slurmd runs several with
-`-N <node>`, each on its own port), so a multi-node job really spans nodes; each name must resolve to this host
-(a job's tasks reach the first node by name). `multi_node_names()` gives two such names, or None.
+`Cluster(nodes=multi_node_names())` runs one slurmd per node name on this host (Debian's slurmd runs several,
+each started with `-N <node>` and listening on its own port), so a multi-node job really spans two nodes and
+srun starts one task on each.
 """
 
 from __future__ import annotations
@@ -111,11 +111,14 @@ class Cluster:
         for node, daemon in zip(self.nodes, self.daemons[2:], strict=True):
             if not self.pid(daemon):
                 self._daemon(["slurmd", "-N", node, "-f", str(self.conf)], env, daemon)
-        self._wait("every node to become idle",
-                   lambda: _out(["sinfo", "-h", "-N", "-o", "%t"], env).split() == ["idle"] * len(self.nodes))
+        self._wait("every node to become idle", lambda: self._node_states(env) == dict.fromkeys(self.nodes, "idle"))
         smoke = subprocess.run(["srun", "-Q", "-t", "1", "true"], env=env, capture_output=True, text=True, timeout=60)
         if smoke.returncode:
             raise ClusterError(f"`srun true` failed on the new cluster: {smoke.stderr.strip()} (logs: {self.log})")
+
+    def _node_states(self, env: dict) -> dict[str, str]:
+        """{node: state}; sinfo lists a node once per partition."""
+        return dict(line.split() for line in _out(["sinfo", "-h", "-N", "-o", "%N %t"], env).splitlines() if line)
 
     def stop(self) -> None:
         """Cancel this cluster's jobs, then SIGTERM (SIGKILL after 15 s) each daemon named by our pid files."""
@@ -184,7 +187,8 @@ class Cluster:
             # MinJobAge >= 3 x its first poll delay, and the tests read the jobs back with scontrol
             "MinJobAge=3600",
         ]
-        lines += [f"NodeName={node} NodeAddr=127.0.0.1" + (f" Port={self.ports[1] + 1 + i}" if several else "")
+        lines += [f"NodeName={node} NodeAddr=127.0.0.1"
+                  + (f" NodeHostname=localhost Port={self.ports[1] + 1 + i}" if several else "")
                   + f" CPUs={cpus} RealMemory={memory}{gres} State=UNKNOWN" for i, node in enumerate(self.nodes)]
         lines += [f"PartitionName={name} Nodes={','.join(self.nodes)} Default={'YES' if i == 0 else 'NO'} "
                   "MaxTime=INFINITE State=UP" for i, name in enumerate(parts)]
@@ -210,15 +214,18 @@ class Cluster:
 
 
 def multi_node_names() -> tuple[str, str] | None:
-    """Two node names that both resolve to this host (`localhost` and the host's own name), or None."""
+    """Names for two nodes on this host: its own name (which resolves here, so a job's tasks reach the first node
+    by name, as on a real cluster) and that name with `-2`; None if the host's name does not resolve here. (SLURM
+    maps a node called `localhost` to the host's name, so it cannot be one of several.)"""
     import socket
 
     host = socket.gethostname()
     try:
-        local = socket.gethostbyname(host).startswith("127.") or socket.gethostbyname(host) in _own_addresses()
+        address = socket.gethostbyname(host)
     except OSError:
         return None
-    return ("localhost", host) if host != "localhost" and local else None
+    local = address.startswith("127.") or address in _own_addresses()
+    return (host, f"{host}-2") if host != "localhost" and local else None
 
 
 def _own_addresses() -> set[str]:

@@ -52,8 +52,8 @@ def cluster():
         yield None
         return
     cluster = Cluster()
-    cluster.start()
     try:
+        cluster.start()
         yield cluster
     finally:
         cluster.stop()
@@ -132,7 +132,7 @@ def test_drc_r3_is_evaluated_on_one_suite_of_each_task_kind(study):
     cifar = json.loads((out / "vtab-cifar10.json").read_text())
     assert cifar["classnames"] == CIFAR10 and 0 <= cifar["metrics"]["acc1"] <= 1
     coco = json.loads((out / "mscoco_captions.json").read_text())
-    assert {"image_retrieval_recall@1", "text_retrieval_recall@10"} <= set(coco["metrics"])
+    assert {"image_retrieval_recall@1", "text_retrieval_recall@5"} <= set(coco["metrics"])
     probe = json.loads((out / "linear_probe/vtab-pets.json").read_text())
     assert probe["task"] == "linear_probe" and len(probe["classnames"]) == 37 and probe["classnames"][0] == "Abyssinian"
     assert json.loads((out / "modality_gap/mscoco_captions.json").read_text())["task"] == "modality_gap"
@@ -189,7 +189,7 @@ def test_the_preflight_command_passes_on_the_study_and_measures_what_the_stages_
     assert checks["caption list"]["values"]["pairs"] == SERVED + DEAD  # 1 malformed row of 19: a warning
     assert checks["second captions"]["values"]["covered"] == SERVED + DEAD
     assert {name for name, check in checks.items() if check["status"] == "ok"} >= {
-        "held-out split", "teacher weights (vit_base_patch16_dinov3.lvd1689m)", "suite wds/vtab/cifar10",
+        "held-out split", "teacher weights", "suite wds/vtab/cifar10",
         "suite wds/mscoco_captions", "suite wds/vtab/pets", "KUEA images", "disk"}
     assert all(checks[name]["device_only"] and checks[name]["status"] == "skip"
                for name in ("GPUs", "training steps", "projected time"))  # this machine has no GPU

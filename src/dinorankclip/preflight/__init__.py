@@ -135,6 +135,9 @@ def project(configs: dict[str, dict], jobs: list[tuple[str, int]], pairs: int, t
     if device.type != "cuda":
         return {"check": Check("projected time", "skip", "device-only: needs the step times measured on a GPU",
                                device_only=True)}
+    if pairs <= 0:
+        return {"check": Check("projected time", "skip", "no listed pairs to train on (see the caption list)",
+                               device_only=True)}
     per_job = [{"run": run, "seed": seed, **steps.projection(configs[run], pairs, timing[run]["seconds_per_step"])}
                for run, seed in jobs if run in timing]
     wall, gpu_hours = sum(j["wall_hours"] for j in per_job), sum(j["gpu_hours"] for j in per_job)

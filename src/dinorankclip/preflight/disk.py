@@ -134,7 +134,8 @@ def disk_check(images: int, per_image: dict[str, float], per_pair: list[dict[str
         return Check("disk", "fail", f"needs {_size(total)} under {root}, {_size(free)} free ({parts})",
                      fix=f"free {_size(total - free)} there, or make results/ a link to a larger filesystem",
                      values=values)
-    return Check("disk", "ok", f"needs {_size(total)} of {_size(free)} free under {root} ({parts}; "
+    return Check("disk", "ok", f"needs {_size(total)} of {_size(free)} free under {root} for {images:,} images and "
+                 f"{len(per_pair)} (run, seed) trainings ({parts}; "
                  + ", ".join(f"{name} {size / 1e3:.1f} KB/image" for name, size in per_image.items()) + ")",
                  values=values)
 

@@ -65,8 +65,7 @@ def teacher_file(cfg: dict) -> Check:
     if origin != "file":
         return Check("teacher weights", "skip", f"teacher.weights.from {origin}: "
                      + ("trained by the teacher_weights stage" if origin == "train" else "timm downloads them"))
-    path = Path(teacher["weights"]["path"])
-    name = f"teacher weights ({teacher['model']})"
+    path, name = Path(teacher["weights"]["path"]), "teacher weights"
     if not path.is_file():
         return Check(name, "fail", f"teacher.weights.path: {path} does not exist",
                      fix=f"download model.safetensors of the Hugging Face repo 'timm/{teacher['model']}' (after "
@@ -82,7 +81,7 @@ def teacher_file(cfg: dict) -> Check:
         return Check(name, "fail", f"teacher.blocks {blocks} taps block {max(blocks)} of a {depth}-block model",
                      fix=f"choose teacher.blocks below {depth}")
     tensors = len(model.state_dict())
-    return Check(name, "ok", f"{path}: {tensors} tensors load (every key and shape matches); width "
+    return Check(name, "ok", f"{path}: {tensors} tensors load into {teacher['model']} (every key and shape); width "
                  f"{model.embed_dim}, blocks {blocks} of {depth}", values={"tensors": tensors, "depth": depth,
                                                                           "width": model.embed_dim})
 
