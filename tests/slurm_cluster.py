@@ -233,6 +233,12 @@ def _own_addresses() -> set[str]:
     return set(result.stdout.split())
 
 
+def memory_mb(value: str) -> int:
+    """A memory size as scontrol prints it (`64000M`, `62.50G`, `1T`) in MB."""
+    factor = {"M": 1, "G": 1024, "T": 1024**2}[value[-1]]
+    return round(float(value[:-1]) * factor)
+
+
 def _out(argv: list[str], env: dict) -> str:
     result = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=30)
     return result.stdout if result.returncode == 0 else ""

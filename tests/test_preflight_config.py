@@ -97,3 +97,32 @@ def test_snakemake_merges_a_study_file_over_params_yaml_and_jobs_see_the_expande
     assert cfg["data"] == {**paper["data"], "shard_size": 5} and cfg["teacher"] == paper["teacher"]
     assert (clone / "results/tiny/source/train.tsv").read_text() == "caption\turl\na red circle\thttp://127.0.0.1:9/a.jpg\n"
     assert (clone / "params.yaml").read_bytes() == (REPO / "params.yaml").read_bytes()  # nothing edited
+
+
+def dry_run_jobs(clone, *args) -> dict[str, dict]:
+    """{rule: resources} of a paper-study dry run through the SLURM profile."""
+    result = subprocess.run(["snakemake", "-n", "--profile", "slurm", "all", "--config", "study=paper", *args],
+                            cwd=clone, env=venv_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs, current = {}, None
+    for line in result.stdout.splitlines():
+        if line.startswith(("rule ", "localrule ")):
+            current = jobs.setdefault(line.rstrip(":").split()[-1], {})
+        elif line.startswith("    resources: ") and current is not None:
+            current.update(item.split("=", 1) for item in line.split(": ", 1)[1].split(", "))
+    return jobs
+
+
+def test_cpus_memory_and_gpus_reach_sbatch_as_configured(tmp_path):
+    """The paper study's dry run: every job's CPUs (threads + loader workers, per rank) as cpus_per_task, which
+    the plugin passes to sbatch, whatever --cores caps `threads` at on the machine running Snakemake; pretrain's
+    memory per rank. (The data stage as a cluster job runs for real in tests/test_preflight_study.py.)"""
+    clone = snapshot_repo(tmp_path / "clone")
+    jobs = dry_run_jobs(clone, "--cores", "2")
+    assert {rule: resources.get("cpus_per_task") for rule, resources in jobs.items()} == {
+        "source": None, "data": "16", "teacher_weights": "8", "teacher": "8", "captions": "1", "pretrain": "128",
+        "finetune": "16", "evaluate": "16", "report": None, "all": None}
+    assert (jobs["pretrain"]["gpu"], jobs["pretrain"]["mem_mb"]) == ("8", "480000")  # 8 ranks x 60 GB
+    (clone / "four.yaml").write_text("studies: {paper: {pretrain: {gpus_per_node: 4, workers: 2}}}\n")
+    pretrain = dry_run_jobs(clone, "--configfile", "four.yaml")["pretrain"]
+    assert (pretrain["gpu"], pretrain["mem_mb"], pretrain["cpus_per_task"]) == ("4", "240000", "40")

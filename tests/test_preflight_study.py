@@ -19,7 +19,7 @@ import pytest
 import yaml
 from helpers import REPO, free_port, snakemake, snapshot_repo, venv_env
 from preflight_world import CIFAR10, DEAD, MALFORMED, SERVED, write_preflight_inputs
-from slurm_cluster import Cluster
+from slurm_cluster import Cluster, memory_mb
 
 from dinorankclip.data.server import serve_directory
 from dinorankclip.models.teacher import sha256
@@ -27,13 +27,13 @@ from dinorankclip.preflight.disk import member_bytes
 
 pytestmark = pytest.mark.e2e
 TEST_PROFILE = REPO / "tests" / "slurm_profile"
-STUDY = ["--configfile", "studies/preflight.yaml", "preflight-port.yaml", "--config", "study=preflight"]
 TARGETS = ["results/preflight/captions", "results/preflight/pretrain/clip/seed0",
            "results/preflight/finetune/drc-r3-kuea/seed0", "results/preflight/evaluate/drc-r3/seed0"]
 PARAMS = ["--params", "params.yaml", "--params", "studies/preflight.yaml", "--params", "preflight-port.yaml"]
 # what each job of the study asks of a node: its CPUs (threads + loader workers of each rank), memory and GPUs
-REQUESTS = {"teacher_weights": (2, 16000, None), "teacher": (2, 64000, "gres:gpu:1"), "captions": (1, 8000, None),
-            "pretrain": (2, 60000, None), "finetune": (2, 64000, "gres:gpu:1"), "evaluate": (2, 64000, "gres:gpu:1")}
+REQUESTS = {"data": (1, 32000, None), "teacher_weights": (2, 16000, None), "teacher": (2, 64000, "gres:gpu:1"),
+            "captions": (1, 8000, None), "pretrain": (2, 60000, None), "finetune": (2, 64000, "gres:gpu:1"),
+            "evaluate": (2, 64000, "gres:gpu:1")}
 
 
 @pytest.fixture(scope="module")
@@ -59,16 +59,21 @@ def cluster():
         cluster.stop()
 
 
-def through(cluster) -> list[str]:
-    """One job at a time: locally one core; on the cluster one queued job, and --cores 1, which would cap every
-    job's threads at 1 if CPUs reached sbatch as threads."""
-    return ["--cores", "1"] + (["--profile", "slurm", "--profile", str(TEST_PROFILE), "--jobs", "1"] if cluster else [])
+def through(cluster, *extra: str) -> list[str]:
+    """The study's files (and `extra` ones) and how its jobs run: one at a time, locally on one core, or on the
+    cluster one queued job and --cores 1, which would cap every job's threads at 1 if CPUs reached sbatch as
+    threads. On the cluster the download is a cluster job too (`data.cluster_job`: its compute node is this host,
+    which serves the list)."""
+    files = ["studies/preflight.yaml", "preflight-port.yaml", *(["cluster-data.yaml"] if cluster else []), *extra]
+    slurm = ["--profile", "slurm", "--profile", str(TEST_PROFILE), "--jobs", "1"] if cluster else []
+    return ["--cores", "1", *slurm, "--configfile", *files, "--config", "study=preflight"]
 
 
 @pytest.fixture(scope="module")
 def study(world, cluster):
     clone, planted = world
-    log = snakemake(clone, [*TARGETS, *through(cluster), *STUDY], timeout=1500)
+    (clone / "cluster-data.yaml").write_text("studies: {preflight: {data: {cluster_job: true}}}\n")
+    log = snakemake(clone, [*TARGETS, *through(cluster)], timeout=1500)
     one_rank = json.loads((clone / "results/preflight/pretrain/clip/seed0/metrics.json").read_text())
     return clone, planted, log, one_rank
 
@@ -144,10 +149,11 @@ def test_sbatch_received_the_cpus_memory_and_gpus_each_job_asks(study, cluster):
     _, _, log, _ = study
     jobs = submissions(log)
     assert sorted(rule for _, rule in jobs) == sorted(
-        ["teacher_weights", "teacher", "captions", "pretrain", "pretrain", "finetune", "evaluate"])
+        ["data", "teacher_weights", "teacher", "captions", "pretrain", "pretrain", "finetune", "evaluate"])
+    assert "localrule source:" in log and "localrule data:" not in log
     for job, rule in jobs:
-        info, (cpus, mem, gres) = scontrol(cluster, job), REQUESTS[rule]
-        assert (info["NumCPUs"], info["MinMemoryNode"], info.get("TresPerJob")) == (str(cpus), f"{mem}M", gres), rule
+        info = scontrol(cluster, job)
+        assert (int(info["NumCPUs"]), memory_mb(info["MinMemoryNode"]), info.get("TresPerJob")) == REQUESTS[rule], rule
 
 
 @pytest.fixture(scope="module")
@@ -157,8 +163,7 @@ def two_ranks(study, cluster):
         pytest.skip("no SLURM test cluster (needs root)")
     clone, _, _, _ = study
     (clone / "two-ranks.yaml").write_text("studies: {preflight: {pretrain: {gpus_per_node: 2}}}\n")
-    args = [TARGETS[1], *through(cluster), *STUDY[:3], "two-ranks.yaml", *STUDY[3:]]
-    log = snakemake(clone, args, timeout=900, log=clone / "two-ranks.log")
+    log = snakemake(clone, [TARGETS[1], *through(cluster, "two-ranks.yaml")], timeout=900, log=clone / "two-ranks.log")
     return clone, log
 
 
@@ -168,8 +173,8 @@ def test_clip_on_two_ranks_asks_for_two_gpus_and_takes_the_same_step(two_ranks, 
     [(job, rule)] = submissions(log)
     info = scontrol(cluster, job)
     # 2 ranks x (2 threads + 0 workers) CPUs, 2 x 60 GB, 2 GPUs (placeholders: torch finds no CUDA, gloo on CPU)
-    assert (rule, info["NumCPUs"], info["MinMemoryNode"], info["TresPerJob"]) == ("pretrain", "4", "120000M",
-                                                                                   "gres:gpu:2")
+    assert (rule, info["NumCPUs"], memory_mb(info["MinMemoryNode"]), info["TresPerJob"]) == (
+        "pretrain", "4", 120000, "gres:gpu:2")
     metrics = json.loads((clone / "results/preflight/pretrain/clip/seed0/metrics.json").read_text())
     assert (metrics["world_size"], metrics["steps"], one_rank["world_size"]) == (2, 1, 1)
     # the global batch of 2 split over 2 ranks: the same loss before the step and after it

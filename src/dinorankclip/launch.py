@@ -21,6 +21,9 @@ def training_command(pretrain: dict, study: str, env: str = "") -> str:
     """The command that runs `dinorankclip --study <study> ...` with the study's processes (arguments follow)."""
     gpus, nodes = pretrain["gpus_per_node"], pretrain["nodes"]
     module = f"-m dinorankclip --study {study}"
+    # after `--`, torchrun passes every argument to the module untouched: without it, its parser reads the stage's
+    # `--run` as an ambiguous abbreviation of its own `--run-path` and stops
+    launched = f"-m dinorankclip -- --study {study}"
     prefix = f"{env} " if env else ""
     if nodes > 1:
         # In the job's shell the jobstep plugin has cleared every SLURM_* variable but the job's ids, node list and
@@ -28,10 +31,10 @@ def training_command(pretrain: dict, study: str, env: str = "") -> str:
         # environment (the quoted script runs there, with the stage's arguments as "$@").
         head = '$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)'
         launch = (f"exec torchrun --nnodes={nodes} --nproc_per_node={max(gpus, 1)} --rdzv_backend=c10d "
-                  f"--rdzv_id=$SLURM_JOB_ID --rdzv_endpoint={head}:{RENDEZVOUS_PORT} {module}")
+                  f"--rdzv_id=$SLURM_JOB_ID --rdzv_endpoint={head}:{RENDEZVOUS_PORT} {launched}")
         return f"""{prefix}srun --nodes={nodes} --ntasks={nodes} --ntasks-per-node=1 bash -c '{launch} "$@"' torchrun"""
     if gpus > 1:
-        return f"{prefix}torchrun --standalone --nproc_per_node={gpus} {module}"
+        return f"{prefix}torchrun --standalone --nproc_per_node={gpus} {launched}"
     return f"{prefix}python {module}"
 
 
