@@ -55,7 +55,8 @@ def run_preflight(params: dict, study: str, timed_steps: int = 3, sample: int = 
         checks += kinds["checks"]
         per_image = per_image_bytes(cfg, teacher, listed, sample, work, checks)
         jobs = seeded(params, runs, study)
-        checks.append(disk.disk_check(pairs, per_image, [kinds["kept"][run] for run, _ in jobs]))
+        checks.append(disk.disk_check(pairs, per_image, [kinds["kept"][run] for run, _ in jobs
+                                                         if run in kinds["kept"]]))  # a kind that failed: its check
         projected = project(configs, jobs, pairs, kinds["timing"], device)
         checks.append(projected.pop("check"))
     return checks, projected
