@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 from helpers import REPO, copy_clone, snakemake
-from slurm_cluster import Cluster, multi_node_names
+from slurm_cluster import Cluster, multi_node_names, state_dir
 
 pytestmark = [pytest.mark.slurm, pytest.mark.e2e,
               pytest.mark.skipif(os.geteuid() != 0, reason="slurmd runs jobs as their submitter only as root")]
@@ -22,10 +22,12 @@ VIT = "studies: {demo: {model: {arch: demo-vit-tiny}, pretrain: {max_steps: 6, v
 
 
 @pytest.fixture(scope="module")
-def two_nodes(tmp_path_factory):
+def two_nodes():
     if NAMES is None:
         pytest.skip("this host's name does not resolve to it: the first node could not be reached by name")
-    cluster = Cluster(tmp_path_factory.mktemp("two-nodes"), nodes=NAMES, ports=(6927, 6928))
+    # its own state folder beside the one-node cluster's (munge needs every parent of its socket world-executable,
+    # which pytest's temporary folders are not) and its own ports
+    cluster = Cluster(state_dir().with_name(f"{state_dir().name}-two-nodes"), nodes=NAMES, ports=(6927, 6928))
     try:
         cluster.start()
         yield cluster
