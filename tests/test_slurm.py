@@ -48,7 +48,7 @@ def submissions(log: str) -> list[tuple[str, str]]:
 
 def preempt_training(clone: Path, cluster: Cluster, log: Path, done: threading.Event, found: dict) -> None:
     """Once the pretraining job logs step SIGNAL_AT_STEP, send it SIGTERM through the scheduler."""
-    train_log = clone / "results/demo/logs/pretrain/clip.log"
+    train_log = clone / "results/demo/logs/pretrain/clip/seed0.log"
     while not done.is_set():
         jobs = submissions(log.read_text(errors="replace")) if log.exists() else []
         pretrain = [job for job, rule in jobs if rule == "pretrain"]
@@ -115,14 +115,14 @@ def test_preempted_training_checkpoints_resumes_and_ends_bit_identical(slurm_stu
     assert first == found["job"]
     assert scontrol(cluster, first)["JobState"] == "FAILED" and scontrol(cluster, retry)["JobState"] == "COMPLETED"
     resumed = re.search(r"(\d+) steps of \d+ \((\d+) epochs\).*resumed at step (\d+)",
-                        (clone / "results/demo/logs/pretrain/clip.log").read_text(errors="replace"))
+                        (clone / "results/demo/logs/pretrain/clip/seed0.log").read_text(errors="replace"))
     assert resumed, "the retried training job did not resume from a checkpoint"
     total, epochs, step = map(int, resumed.groups())
     # only the SIGTERM handler writes a checkpoint before the first epoch ends (checkpoint_every is 50 steps)
     assert SIGNAL_AT_STEP <= step < total // epochs, (step, total)
     for which in ("model", "best"):
-        ours = load_file(clone / f"results/demo/pretrain/clip/{which}/open_clip_model.safetensors")
-        theirs = load_file(local_study / f"results/demo/pretrain/clip/{which}/open_clip_model.safetensors")
+        ours = load_file(clone / f"results/demo/pretrain/clip/seed0/{which}/open_clip_model.safetensors")
+        theirs = load_file(local_study / f"results/demo/pretrain/clip/seed0/{which}/open_clip_model.safetensors")
         assert ours.keys() == theirs.keys() and all(ours[k].equal(theirs[k]) for k in ours), which
 
 
