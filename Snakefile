@@ -15,8 +15,9 @@ read_params_file(PARAMS_FILE)
 configfile: PARAMS_FILE
 
 
-# A bad parameter stops the workflow here, before any job starts, with a message naming the key.
-validate_params(config, "workflow configuration (params.yaml with --config/--configfile overrides)")
+# A bad parameter stops the workflow here, before any job starts, with a message naming the key. A study that
+# `extends` another is expanded in place, so rules and jobs see its complete block.
+config.update(validate_params(config, "workflow configuration (params.yaml with --config/--configfile overrides)"))
 # Jobs read the configuration the workflow validated, --config overrides included.
 os.environ[PARAMS_ENV] = json.dumps(config)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -37,8 +38,15 @@ include: "workflow/rules/report.smk"
 localrules:
     all,
     source,
-    data,
     report,
+
+
+# The download runs for hours on the machine running Snakemake (compute nodes are often offline), unless the study
+# says its cluster's compute nodes reach the web (`data.cluster_job`): then it is a cluster job like the others.
+if not config["studies"][config["study"]]["data"]["cluster_job"]:
+
+    localrules:
+        data,
 
 
 # The teacher and captions stages are listed because dvc.yaml makes every pretraining run depend on them (its

@@ -31,61 +31,20 @@ from pathlib import Path
 
 import open_clip
 import torch
-from safetensors.torch import save_file
 
-from dinorankclip.config import load_params, reads_captions, resolve, teacher_stages
+from dinorankclip.config import load_params, resolve
 from dinorankclip.io import write_json
-from dinorankclip.models.teacher import WEIGHTS_FILE, create_teacher
 from dinorankclip.train.flops import mfu, peak_flops, step_flops
 from dinorankclip.train.ledger import StepLedger
 from dinorankclip.train.objective import build_objective
 from dinorankclip.train.optim import make_optimizer, param_groups
 from dinorankclip.train.pretrain import build_student, setup_torch
 from dinorankclip.train.step import MAX_LOGIT_SCALE, TrainStep, autocast, update
-
-Inputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]
+from dinorankclip.train.synthetic import stand_in_teacher, synthetic_inputs
 
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def stand_in_teacher(cfg: dict, tmp: Path) -> tuple[dict[str, Path], int]:
-    """(teacher stage dirs for `build_student`, made up in `tmp`; the cached maps' channel width, 0 without)."""
-    stages = teacher_stages(cfg)
-    if not stages:
-        return {}, 0
-    teacher = create_teacher(cfg["teacher"])
-    width = min(teacher.embed_dim, cfg["teacher"]["pca_dim"])  # the cache PCA-reduces only a wider teacher
-    dirs = {stage: tmp / stage for stage in stages}
-    for path in dirs.values():
-        path.mkdir()
-    if "teacher" in dirs:
-        write_json(dirs["teacher"] / "stats.json", {"patch_channels": width})
-    else:
-        save_file({k: v.contiguous() for k, v in teacher.state_dict().items()},
-                  str(dirs["teacher_weights"] / WEIGHTS_FILE))
-    return dirs, width
-
-
-def synthetic_inputs(cfg: dict, model: torch.nn.Module, batch: int, width: int, device: torch.device) -> Inputs:
-    """Images, token ids, (cache runs only) teacher maps and (runs reading them) second captions shaped like a
-    loader batch, from the run's seed."""
-    generator = torch.Generator().manual_seed(cfg["seed"])
-    size = model.visual.preprocess_cfg["size"]
-    h, w = (size, size) if isinstance(size, int) else size
-    images = torch.randn(batch, 3, h, w, generator=generator)
-    tokens = open_clip.get_tokenizer(cfg["model"]["arch"])([f"synthetic caption {i}" for i in range(batch)])
-    teacher = None
-    if "teacher" in teacher_stages(cfg):
-        spec = cfg["teacher"]
-        teacher = torch.randn(batch, len(spec["blocks"]), width, spec["grid"], spec["grid"], generator=generator)
-        teacher = teacher.half().to(device)
-    captions = None
-    if reads_captions(cfg):
-        captions = open_clip.get_tokenizer(cfg["model"]["arch"])([f"a longer synthetic description {i}"
-                                                                  for i in range(batch)]).to(device)
-    return images.to(device), tokens.to(device), teacher, captions
 
 
 def our_step(cfg: dict, args, device: torch.device, precision: str, gather: bool = False) -> Callable[[], None]:

@@ -15,10 +15,14 @@ Inside a job, Snakemake's jobstep plugin clears every SLURM_* variable but the j
 path: `start` links /etc/slurm/slurm.conf to this cluster's file (refusing if a real one is there), `stop` unlinks it.
 
 The cluster is shaped like the profile's partitions file: one partition per entry, and one node advertising the
-largest memory and GPU count listed there, so the workflow profile's paper-scale requests (`--mem`, `--gpus`,
-`-A`) go through sbatch unchanged. The node's memory is declared, not enforced (`config_overrides`), and its GPUs
-are placeholder device files (aliases of /dev/null): a job gets `CUDA_VISIBLE_DEVICES`, torch finds no CUDA
-driver and runs on the CPU.
+largest memory, CPU and GPU counts listed there, so the workflow profile's paper-scale requests (`--mem`,
+`--cpus-per-task`, `--gpus`, `-A`) go through sbatch unchanged. The node's memory and CPUs are declared, not
+enforced (`config_overrides`, no task affinity), and its GPUs are placeholder device files (aliases of /dev/null):
+a job gets `CUDA_VISIBLE_DEVICES`, torch finds no CUDA driver and runs on the CPU.
+
+`Cluster(nodes=multi_node_names())` runs one slurmd per node name on this host (Debian's slurmd runs several,
+each started with `-N <node>` and listening on its own port), so a multi-node job really spans two nodes and
+srun starts one task on each.
 """
 
 from __future__ import annotations
@@ -34,7 +38,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DAEMONS = ("munged", "slurmctld", "slurmd")  # start order; stopped in reverse
 # the daemons live in sbin, which a non-login PATH (CI's, cron's) may lack
 SBIN = ("/usr/local/sbin", "/usr/sbin", "/sbin")
 PORTS = (6917, 6918)  # slurmctld, slurmd: off SLURM's defaults (6817/6818), so a system SLURM keeps its ports
@@ -51,11 +54,16 @@ def state_dir() -> Path:
 
 
 class Cluster:
-    def __init__(self, root: Path | None = None) -> None:
+    def __init__(self, root: Path | None = None, nodes: tuple[str, ...] = ("localhost",),
+                 ports: tuple[int, int] = PORTS) -> None:
         self.root = Path(root or state_dir())
         self.conf = self.root / "slurm.conf"
         self.run = self.root / "run"  # pid files and the munge socket (must be world-executable for munge)
         self.log = self.root / "log"
+        self.nodes, self.ports = tuple(nodes), ports
+        # one slurmd per node, its pid file named by SlurmdPidFile's %n when there are several
+        self.daemons = ("munged", "slurmctld", *(("slurmd",) if len(self.nodes) == 1 else
+                                                 (f"slurmd-{node}" for node in self.nodes)))
 
     def env(self) -> dict[str, str]:
         """What SLURM's commands (sbatch, squeue, srun inside jobs) need to talk to this cluster."""
@@ -70,10 +78,10 @@ class Cluster:
             return None
         name = status.split("\n", 1)[0].split()[-1]
         zombie = any(line.startswith("State:") and "Z" in line.split()[1] for line in status.splitlines())
-        return None if zombie or name != daemon else pid
+        return None if zombie or name != daemon.split("-", 1)[0] else pid
 
     def running(self) -> dict[str, int | None]:
-        return {daemon: self.pid(daemon) for daemon in DAEMONS}
+        return {daemon: self.pid(daemon) for daemon in self.daemons}
 
     def start(self, partitions: Path | None = REPO / "slurm" / "partitions.yaml") -> None:
         """Start whatever is not running yet; a no-op when the whole cluster is up."""
@@ -100,12 +108,17 @@ class Cluster:
                           f"--seed-file={self.root / 'munge' / 'seed'}"], env)
         if not self.pid("slurmctld"):
             self._daemon(["slurmctld", "-c", "-f", str(self.conf)], env)  # -c: no jobs from an earlier cluster
-        if not self.pid("slurmd"):
-            self._daemon(["slurmd", "-N", "localhost", "-f", str(self.conf)], env)
-        self._wait("the node to become idle", lambda: "idle" in _out(["sinfo", "-h", "-o", "%t"], env))
+        for node, daemon in zip(self.nodes, self.daemons[2:], strict=True):
+            if not self.pid(daemon):
+                self._daemon(["slurmd", "-N", node, "-f", str(self.conf)], env, daemon)
+        self._wait("every node to become idle", lambda: self._node_states(env) == dict.fromkeys(self.nodes, "idle"))
         smoke = subprocess.run(["srun", "-Q", "-t", "1", "true"], env=env, capture_output=True, text=True, timeout=60)
         if smoke.returncode:
             raise ClusterError(f"`srun true` failed on the new cluster: {smoke.stderr.strip()} (logs: {self.log})")
+
+    def _node_states(self, env: dict) -> dict[str, str]:
+        """{node: state}; sinfo lists a node once per partition."""
+        return dict(line.split() for line in _out(["sinfo", "-h", "-N", "-o", "%N %t"], env).splitlines() if line)
 
     def stop(self) -> None:
         """Cancel this cluster's jobs, then SIGTERM (SIGKILL after 15 s) each daemon named by our pid files."""
@@ -113,7 +126,7 @@ class Cluster:
         if self.pid("slurmctld"):
             subprocess.run(["scancel", "--user", str(os.getuid())], env=env, capture_output=True, timeout=30)
             self._wait("cancelled jobs to end", lambda: not _out(["squeue", "-h"], env).strip(), STOP_WAIT_S, False)
-        for daemon in reversed(DAEMONS):
+        for daemon in reversed(self.daemons):
             pid = self.pid(daemon)
             if pid:
                 os.kill(pid, signal.SIGTERM)
@@ -139,23 +152,28 @@ class Cluster:
         parts = parts or {"debug": {}}
         gpus = max(int(p.get("max_gpu", 0)) for p in parts.values())
         memory = max([int(p.get("max_mem_mb", 0)) for p in parts.values()] + [physical_memory_mb()])
+        cpus = max([int(p.get("max_threads", 0)) for p in parts.values()] + [os.cpu_count()])
         gres = ""
         if gpus:
-            devices = self.root / "dev"
-            devices.mkdir(exist_ok=True)
-            for i in range(gpus):
-                if not (devices / f"gpu{i}").exists():
-                    os.mknod(devices / f"gpu{i}", 0o666 | 0o020000, os.makedev(1, 3))  # like /dev/null
-            (self.root / "gres.conf").write_text(
-                f"AutoDetect=off\nNodeName=localhost Name=gpu File={devices}/gpu[0-{gpus - 1}]\n")
+            lines = ["AutoDetect=off"]
+            for node in self.nodes:
+                devices = self.root / "dev" / node
+                devices.mkdir(parents=True, exist_ok=True)
+                for i in range(gpus):
+                    if not (devices / f"gpu{i}").exists():
+                        os.mknod(devices / f"gpu{i}", 0o666 | 0o020000, os.makedev(1, 3))  # like /dev/null
+                lines.append(f"NodeName={node} Name=gpu File={devices}/gpu[0-{gpus - 1}]")
+            (self.root / "gres.conf").write_text("\n".join(lines) + "\n")
             gres = f" Gres=gpu:{gpus}"
+        several = len(self.nodes) > 1  # then each slurmd has its own port, pid file, spool and log (%n: its node)
+        suffix = "-%n" if several else ""
         lines = [
             "ClusterName=dinorankclip-ci", "SlurmctldHost=localhost", "SlurmUser=root",
             "AuthType=auth/munge", "CredType=cred/munge", f"AuthInfo=socket={self.run / 'munge.sock'}",
-            f"SlurmctldPort={PORTS[0]}", f"SlurmdPort={PORTS[1]}",
-            f"StateSaveLocation={self.root / 'state' / 'ctld'}", f"SlurmdSpoolDir={self.root / 'state' / 'd'}",
-            f"SlurmctldPidFile={self.run / 'slurmctld.pid'}", f"SlurmdPidFile={self.run / 'slurmd.pid'}",
-            f"SlurmctldLogFile={self.log / 'slurmctld.log'}", f"SlurmdLogFile={self.log / 'slurmd.log'}",
+            f"SlurmctldPort={self.ports[0]}", f"SlurmdPort={self.ports[1]}",
+            f"StateSaveLocation={self.root / 'state' / 'ctld'}", f"SlurmdSpoolDir={self.root / 'state' / 'd'}{suffix}",
+            f"SlurmctldPidFile={self.run / 'slurmctld.pid'}", f"SlurmdPidFile={self.run / 'slurmd'}{suffix}.pid",
+            f"SlurmctldLogFile={self.log / 'slurmctld.log'}", f"SlurmdLogFile={self.log / 'slurmd'}{suffix}.log",
             "MailProg=/bin/true", "MpiDefault=none",
             # no cgroups or systemd here: processes tracked by parentage, nothing confined
             "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "JobAcctGatherType=jobacct_gather/none",
@@ -168,16 +186,18 @@ class Cluster:
             # finished jobs stay visible to squeue for an hour: the plugin's squeue polling needs
             # MinJobAge >= 3 x its first poll delay, and the tests read the jobs back with scontrol
             "MinJobAge=3600",
-            f"NodeName=localhost NodeAddr=127.0.0.1 CPUs={os.cpu_count()} RealMemory={memory}{gres} State=UNKNOWN",
         ]
-        lines += [f"PartitionName={name} Nodes=localhost Default={'YES' if i == 0 else 'NO'} MaxTime=INFINITE State=UP"
-                  for i, name in enumerate(parts)]
+        lines += [f"NodeName={node} NodeAddr=127.0.0.1"
+                  + (f" NodeHostname=localhost Port={self.ports[1] + 1 + i}" if several else "")
+                  + f" CPUs={cpus} RealMemory={memory}{gres} State=UNKNOWN" for i, node in enumerate(self.nodes)]
+        lines += [f"PartitionName={name} Nodes={','.join(self.nodes)} Default={'YES' if i == 0 else 'NO'} "
+                  "MaxTime=INFINITE State=UP" for i, name in enumerate(parts)]
         self.conf.write_text("\n".join(line for line in lines if line) + "\n")
 
-    def _daemon(self, argv: list[str], env: dict) -> None:
-        """Start a daemon that forks into the background and writes its own pid file; wait for that file."""
-        name = argv[0]
-        result = subprocess.run([program(name), *argv[1:]], env=env, capture_output=True, text=True, timeout=60)
+    def _daemon(self, argv: list[str], env: dict, name: str | None = None) -> None:
+        """Start a daemon that forks into the background and writes its own pid file (`name`.pid); wait for it."""
+        name = name or argv[0]
+        result = subprocess.run([program(argv[0]), *argv[1:]], env=env, capture_output=True, text=True, timeout=60)
         if result.returncode or not self._wait(f"{name} to start", lambda: self.pid(name), 20, False):
             raise ClusterError(f"{name} did not start (rc {result.returncode}): {result.stderr.strip()} "
                                f"(see {self.log / (name + '.log')})")
@@ -191,6 +211,32 @@ class Cluster:
         if raise_on_timeout:
             raise ClusterError(f"timed out after {timeout:.0f} s waiting for {what} (logs: {self.log})")
         return False
+
+
+def multi_node_names() -> tuple[str, str] | None:
+    """Names for two nodes on this host: its own name (which resolves here, so a job's tasks reach the first node
+    by name, as on a real cluster) and that name with `-2`; None if the host's name does not resolve here. (SLURM
+    maps a node called `localhost` to the host's name, so it cannot be one of several.)"""
+    import socket
+
+    host = socket.gethostname()
+    try:
+        address = socket.gethostbyname(host)
+    except OSError:
+        return None
+    local = address.startswith("127.") or address in _own_addresses()
+    return (host, f"{host}-2") if host != "localhost" and local else None
+
+
+def _own_addresses() -> set[str]:
+    result = subprocess.run(["hostname", "-I"], capture_output=True, text=True)
+    return set(result.stdout.split())
+
+
+def memory_mb(value: str) -> int:
+    """A memory size as scontrol prints it (`64000M`, `62.50G`, `1T`) in MB."""
+    factor = {"M": 1, "G": 1024, "T": 1024**2}[value[-1]]
+    return round(float(value[:-1]) * factor)
 
 
 def _out(argv: list[str], env: dict) -> str:

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 from scipy import stats as scipy_stats
 
+from dinorankclip.io import write_json
 from dinorankclip.report.build import ReportSpec, build_report
 from dinorankclip.report.figures import classical_mds, run_styles
 from dinorankclip.report.render import Style, to_latex, to_markdown
@@ -310,3 +311,26 @@ def test_reference_record_compares_a_study_cell_by_cell(study, tmp_path):
     assert moved.loc[("cyclip", "demo-ood top-1"), "±95%"] == pytest.approx(Z95 * math.sqrt(0.28125 * 0.71875 / 32))
     with pytest.raises(FileNotFoundError, match="reference write"):
         read_record(tmp_path / "none.json")
+
+
+def test_measured_cost_sums_a_fine_tuned_runs_jobs_and_names_the_seeds_without_timings(tmp_path):
+    from dinorankclip.report.measured import write_measured_cost
+
+    timings = tmp_path / "timings"
+    jobs = {("pretrain", "clip", 0): (0.5, 100.0), ("pretrain", "clip", 1): (0.7, 140.0),
+            ("finetune", "clip-kuea", 0): (0.1, 20.0), ("finetune", "clip-kuea", 1): (0.1, 30.0),
+            ("pretrain", "drc-r3", 0): (0.9, 180.0)}
+    for (stage, run, seed), (hours, seconds) in jobs.items():
+        write_json(timings / stage / run / f"seed{seed}.json", {"stage": stage, "run": run, "seed": seed,
+                   "device_hours": hours, "device_hours_unit": "CPU-core-hours", "train_seconds": seconds})
+    paths = write_measured_cost("demo", timings, ["clip", "drc-r3", "clip-kuea"], {"clip-kuea": "clip"},
+                                {"clip": [0, 1], "drc-r3": [0, 1], "clip-kuea": [0, 1]})
+    assert [p.name for p in paths] == ["compute.csv", "compute.md", "compute.tex", "compute.html"]
+    table = pd.read_csv(timings / "compute.csv", index_col="run")
+    assert table.loc["clip", "device-hours"] == pytest.approx(0.6)
+    assert table.loc["clip", "device-hours ±95%"] == pytest.approx(12.7062047 * 0.1, rel=1e-6)  # t(1) × s/√2
+    assert table.loc["clip-kuea", "device-hours"] == pytest.approx(0.7)  # its start run's 0.6 plus its own 0.1
+    assert table.loc["clip-kuea", "train seconds"] == pytest.approx((120 + 170) / 2)
+    assert table.loc["drc-r3", "seeds"] == 1 and table.loc["drc-r3", "device-hours"] == pytest.approx(0.9)
+    assert "Without timings (left out): drc-r3/seed1." in (timings / "compute.md").read_text()
+    assert write_measured_cost("demo", tmp_path / "none", ["clip"], {}, {"clip": [0]}) == []

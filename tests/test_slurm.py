@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 from helpers import REPO, copy_clone, evaluation_json_count, snakemake
 from safetensors.torch import load_file
-from slurm_cluster import Cluster
+from slurm_cluster import Cluster, memory_mb
 
 pytestmark = [pytest.mark.slurm, pytest.mark.e2e,
               pytest.mark.skipif(os.geteuid() != 0, reason="slurmd runs jobs as their submitter only as root")]
@@ -48,7 +48,7 @@ def submissions(log: str) -> list[tuple[str, str]]:
 
 def preempt_training(clone: Path, cluster: Cluster, log: Path, done: threading.Event, found: dict) -> None:
     """Once the pretraining job logs step SIGNAL_AT_STEP, send it SIGTERM through the scheduler."""
-    train_log = clone / "results/demo/logs/pretrain/clip.log"
+    train_log = clone / "results/demo/logs/pretrain/clip/seed0.log"
     while not done.is_set():
         jobs = submissions(log.read_text(errors="replace")) if log.exists() else []
         pretrain = [job for job, rule in jobs if rule == "pretrain"]
@@ -86,8 +86,12 @@ def test_every_job_but_the_local_rules_ran_through_sbatch_as_the_profile_asks(sl
         assert info["Partition"] == ("gpu" if rule in GPU_RULES else "cpu"), (rule, info["Partition"])
         assert info.get("TresPerJob") == ("gres:gpu:1" if rule in GPU_RULES else None), (rule, info)
         assert info["StdOut"].startswith(str(clone / ".snakemake/slurm_logs" / f"rule_{rule}")), info["StdOut"]
-    memory = {rule: scontrol(cluster, job)["TRES"] for job, rule in jobs}
-    assert "mem=480000M" in memory["pretrain"] and "mem=16000M" in memory["teacher_weights"], memory
+    memory = {rule: memory_mb(scontrol(cluster, job)["MinMemoryNode"]) for job, rule in jobs}
+    # pretrain: 60 GB per rank (one CPU process here); the other rules: the workflow profile's
+    assert (memory["pretrain"], memory["teacher_weights"]) == (60000, 16000), memory
+    cpus = {rule: scontrol(cluster, job)["NumCPUs"] for job, rule in jobs}
+    assert cpus == {"teacher_weights": "2", "teacher": "2", "captions": "1", "pretrain": "1", "finetune": "1",
+                    "evaluate": "1"}  # threads + loader workers, as params.yaml's demo study sets them
 
 
 def test_slurm_and_local_runs_give_the_same_evaluations(slurm_study, local_study):
@@ -111,14 +115,14 @@ def test_preempted_training_checkpoints_resumes_and_ends_bit_identical(slurm_stu
     assert first == found["job"]
     assert scontrol(cluster, first)["JobState"] == "FAILED" and scontrol(cluster, retry)["JobState"] == "COMPLETED"
     resumed = re.search(r"(\d+) steps of \d+ \((\d+) epochs\).*resumed at step (\d+)",
-                        (clone / "results/demo/logs/pretrain/clip.log").read_text(errors="replace"))
+                        (clone / "results/demo/logs/pretrain/clip/seed0.log").read_text(errors="replace"))
     assert resumed, "the retried training job did not resume from a checkpoint"
     total, epochs, step = map(int, resumed.groups())
     # only the SIGTERM handler writes a checkpoint before the first epoch ends (checkpoint_every is 50 steps)
     assert SIGNAL_AT_STEP <= step < total // epochs, (step, total)
     for which in ("model", "best"):
-        ours = load_file(clone / f"results/demo/pretrain/clip/{which}/open_clip_model.safetensors")
-        theirs = load_file(local_study / f"results/demo/pretrain/clip/{which}/open_clip_model.safetensors")
+        ours = load_file(clone / f"results/demo/pretrain/clip/seed0/{which}/open_clip_model.safetensors")
+        theirs = load_file(local_study / f"results/demo/pretrain/clip/seed0/{which}/open_clip_model.safetensors")
         assert ours.keys() == theirs.keys() and all(ours[k].equal(theirs[k]) for k in ours), which
 
 

@@ -144,9 +144,13 @@ def test_conda_env_pins_what_the_lock_pins(tmp_path):
 @pytest.mark.parametrize(("gpus", "nodes", "command", "resources"), [
     # one node: no `mpi` key at all, so the jobstep runs the job in `srun -n1`, a job step that SLURM's signals reach
     (0, 1, "python -m dinorankclip --study s", {"gpu": 0, "nodes": 1, "tasks": 1}),
-    (8, 1, "torchrun --standalone --nproc_per_node=8 -m dinorankclip --study s", {"gpu": 8, "nodes": 1, "tasks": 1}),
-    (4, 2, "srun torchrun --nnodes=2 --nproc_per_node=4 --rdzv_backend=c10d --rdzv_id=$SLURM_JOB_ID "
-           "--rdzv_endpoint=$(scontrol show hostnames $SLURM_JOB_NODELIST | head -n1):29500 -m dinorankclip --study s",
+    # torchrun: `--` keeps the stage's `--run` from its own parser (an ambiguous abbreviation of `--run-path`)
+    (8, 1, "torchrun --standalone --nproc_per_node=8 -m dinorankclip -- --study s", {"gpu": 8, "nodes": 1, "tasks": 1}),
+    # K nodes: srun is told the layout and each task reads the first node from its own step (the jobstep clears
+    # SLURM_JOB_NODELIST in the job's shell); run for real on two nodes in tests/test_preflight_multinode.py
+    (4, 2, "srun --nodes=2 --ntasks=2 --ntasks-per-node=1 bash -c 'exec torchrun --nnodes=2 --nproc_per_node=4 "
+           "--rdzv_backend=c10d --rdzv_id=$SLURM_JOB_ID --rdzv_endpoint=$(scontrol show hostnames "
+           "\"$SLURM_JOB_NODELIST\" | head -n1):29500 -m dinorankclip -- --study s \"$@\"' torchrun",
      {"gpu": 0, "nodes": 2, "tasks": 2, "gres": "gpu:4", "mpi": "srun"}),
 ])
 def test_training_jobs_launch_one_process_torchrun_or_srun_torchrun(gpus, nodes, command, resources):

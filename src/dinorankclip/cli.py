@@ -157,7 +157,7 @@ def cmd_captions(cfg: dict, args, tracker) -> None:
 
 def cmd_pretrain(cfg: dict, args, tracker) -> None:
     """Rank 0 writes the output directory; under torchrun the other ranks train alongside and write nothing."""
-    from dinorankclip.train.pretrain import TIMING_KEYS, pretrain
+    from dinorankclip.train.pretrain import TIMING_KEYS, pretrain, prune_state
 
     log_startup()
     study, job = cfg["study"], (cfg["run"], cfg["seed"])
@@ -171,6 +171,7 @@ def cmd_pretrain(cfg: dict, args, tracker) -> None:
         metrics = pretrain(cfg, *inputs, out, tracker, state)
     tracker.log_artifact(stage_dir(study, "pretrain", *job) / "metrics.json")
     record_timings(cfg, "pretrain", {key: metrics[key] for key in TIMING_KEYS}, tracker)
+    prune_state(state)
 
 
 def finetune_dirs(cfg: dict) -> dict[str, Path]:
@@ -221,13 +222,17 @@ def cmd_evaluate(cfg: dict, args, tracker) -> None:
 
 def cmd_report(cfg: dict, args, tracker) -> None:
     from dinorankclip.report.build import build_report
+    from dinorankclip.report.measured import write_measured_cost
 
     log_startup()
-    study = cfg["study"]
+    study, spec = cfg["study"], args.report_spec
     with atomic_dir(stage_dir(study, "report")) as out:
-        build_report(args.report_spec, study_dir(study), out)
+        build_report(spec, study_dir(study), out)
     for path in sorted(stage_dir(study, "report").iterdir()):
         tracker.log_artifact(path, "report")
+    # clock readings, beside the jobs' timings and out of the stage's output
+    for path in write_measured_cost(study, study_dir(study) / "timings", spec.runs, spec.kuea, spec.seeds):
+        tracker.log_artifact(path, "timings")
     print(f"report: {stage_dir(study, 'report').resolve()}")
 
 
@@ -307,6 +312,12 @@ def parser() -> argparse.ArgumentParser:
     ref.add_argument("action", choices=["write", "compare"])
     ref.add_argument("--file", type=Path, help="the record (default: docs/reference/<study>.json)")
     ref.add_argument("--json", type=Path, help="compare: also write the comparison as JSON here")
+    pre = sub.add_parser("preflight", help="check everything a study needs before it runs (inputs, disk, GPUs, "
+                                           "step time and memory); exit 1 naming the fix of any failure")
+    pre.add_argument("--study", default=argparse.SUPPRESS, help="the study to check (default: `study`)")
+    pre.add_argument("--json", type=Path, metavar="FILE", help="also write every check as JSON")
+    pre.add_argument("--steps", type=int, default=3, help="timed training steps per kind of run (GPU only)")
+    pre.add_argument("--sample", type=int, default=32, help="list images fetched to measure shard bytes per image")
     dvc = sub.add_parser("dvc-yaml", help="write dvc.yaml for the study in the parameters (the DVC view of the DAG)")
     dvc.add_argument("--check", action="store_true", help="only check that dvc.yaml is current (exit 2 if not)")
     return p
@@ -383,6 +394,10 @@ def run(argv: list[str] | None) -> int:
     except ParamsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.command == "preflight":
+        from dinorankclip.preflight import main as preflight
+
+        return preflight(params, cfg["study"], args.json, args.steps, args.sample)
     if args.command == "check":
         jobs = seeded(params, run_names(params))
         print(f"study {cfg['study']}: runs {', '.join(run_names(params))}; "

@@ -75,14 +75,48 @@ StrictValidator = jsonschema.validators.extend(
     type_checker=jsonschema.Draft202012Validator.TYPE_CHECKER.redefine("integer", _strict_integer))
 
 
-def validate_params(params: Mapping[str, Any], source: str = PARAMS_FILE) -> None:
-    """Check `params` against the JSON schema and the cross-key rules; raise ParamsError naming each bad key."""
+def validate_params(params: Mapping[str, Any], source: str = PARAMS_FILE) -> dict:
+    """Check `params` against the JSON schema and the cross-key rules, after expanding the studies that extend
+    another (`expand_studies`); raise ParamsError naming each bad key, else return the expanded parameters."""
+    try:
+        params = expand_studies(params)
+    except ParamsError as err:
+        raise ParamsError(f"{source} is invalid:\n  {err}") from None
     validator = StrictValidator(load_schema())
     problems = [_describe(e) for e in sorted(validator.iter_errors(params), key=lambda e: list(e.absolute_path))]
     if not problems:
         problems = _cross_key_problems(params)
     if problems:
         raise ParamsError(f"{source} is invalid:\n  " + "\n  ".join(problems))
+    return params
+
+
+def expand_studies(params: Mapping[str, Any]) -> dict:
+    """`params` with every study that names another in `extends` replaced by that study's (expanded) block with
+    its own keys deep-merged over it (mappings merge, lists and values replace), `extends` itself dropped.
+
+    So a study can be another one with a few counts changed (`studies/preflight.yaml`: the paper study at CI size)
+    in a file of its own, selected with Snakemake's `--configfile` (or `--params` here) without editing params.yaml.
+    Validation runs on the expanded blocks, so an error names the key as the expanded study has it."""
+    studies = params.get("studies")
+    if not isinstance(studies, Mapping) or not any(isinstance(b, Mapping) and "extends" in b
+                                                   for b in studies.values()):
+        return dict(params)
+    done: dict[str, Any] = {}
+
+    def expand(name: str, chain: list[str]) -> Any:
+        block = studies[name]
+        if name in done or not isinstance(block, Mapping) or "extends" not in block:
+            return done.setdefault(name, block)
+        base, key = block["extends"], f"studies.{name}.extends"
+        if not isinstance(base, str) or base not in studies:
+            raise ParamsError(f"{key}: {base!r} is not one of studies ({', '.join(studies)})")
+        if base in chain:
+            raise ParamsError(f"{key}: studies extend each other in a cycle ({' -> '.join(chain + [base])})")
+        own = {k: v for k, v in block.items() if k != "extends"}
+        return done.setdefault(name, deep_merge(expand(base, chain + [base]), own))
+
+    return {**params, "studies": {name: expand(name, [name]) for name in studies}}
 
 
 def _cross_key_problems(params: Mapping[str, Any]) -> list[str]:
@@ -107,6 +141,7 @@ def _cross_key_problems(params: Mapping[str, Any]) -> list[str]:
             problems += _caption_problems(cfg, study, run)
     for study, block in params["studies"].items():
         problems += _study_run_problems(params, study, block)
+        problems += _window_problems(params, study)
         ev = block["evaluate"]
         names = [benchmark_name(suite["dataset"]) for suite in ev["suites"]]
         duplicates = sorted({n for n in names if names.count(n) > 1})
@@ -182,6 +217,22 @@ def _study_run_problems(params: Mapping[str, Any], study: str, block: Mapping[st
     return problems
 
 
+def _window_problems(params: Mapping[str, Any], study: str) -> list[str]:
+    """An order >= 2 adds transition terms at the first `loss.window` ranking positions of a step's candidates: the
+    global batch (gathered on every rank), and in validation the held-out batch, which may be smaller. A window
+    wider than that would be cut without a word, so it is refused: the study says the window it trains with."""
+    problems = []
+    for run in (name for name in run_names(params, study) if name in params["runs"]):  # others: reported already
+        cfg = resolve(params, study, run)
+        loss, opt = cfg["loss"], cfg["pretrain"]
+        candidates = min(opt["batch_size"], opt["val_samples"] or opt["batch_size"])
+        if loss["name"] == "plackett_luce" and loss["order"] >= 2 and loss["window"] > candidates:
+            problems.append(f"runs.{run}: loss.window {loss['window']} in study {study} exceeds the {candidates} "
+                            f"candidates a step ranks (pretrain.batch_size {opt['batch_size']}, val_samples "
+                            f"{opt['val_samples']}); set studies.{study}.loss.window <= {candidates}")
+    return problems
+
+
 def _caption_problems(cfg: Mapping[str, Any], study: str, run: str) -> list[str]:
     """A run reading second captions needs the study's caption file or captioner weights; the patch objective
     needs a plain tower."""
@@ -221,8 +272,7 @@ def load_params(paths: str | os.PathLike | list | None = None, study: str | None
         source = " + ".join(map(str, files))
     if study is not None:
         params, source = {**params, "study": study}, f"{source} with --study"
-    validate_params(params, source)
-    return params
+    return validate_params(params, source)
 
 
 def read_params_file(file: str | os.PathLike) -> dict:

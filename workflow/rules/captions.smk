@@ -16,9 +16,10 @@ rule captions:
     params:
         cli=CLI,
         settings=lambda w: settings("captions"),
-    threads: CAPTIONS["coca"]["threads"] if CAPTIONER else 1
+    threads: cpus(CAPTIONS["coca"]["threads"] if CAPTIONER else 1)
     resources:
         gpu=1 if CAPTIONER else 0,
+        cpus_per_task=cpus(CAPTIONS["coca"]["threads"] if CAPTIONER else 1),
     log:
         log_file("captions"),
     benchmark:

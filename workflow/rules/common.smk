@@ -13,7 +13,7 @@ from dinorankclip.config import (
     run_names,
     seeded,
 )
-from dinorankclip.launch import training_command, training_resources
+from dinorankclip.launch import training_command, training_host, training_resources
 from dinorankclip.layout import seed_part, stage_dir, study_dir
 
 STUDY = config["study"]
@@ -31,6 +31,9 @@ PACKAGE = f"PYTHONPATH={SRC}${{PYTHONPATH:+:$PYTHONPATH}}"
 CLI = f"{PACKAGE} python -m dinorankclip --study {STUDY}"
 TRAINING = config["studies"][STUDY]["pretrain"]
 TRAINING_RESOURCES = training_resources(TRAINING)
+TRAINING_HOST = training_host(TRAINING)
+EVALUATE = config["studies"][STUDY]["evaluate"]
+FINETUNE = resolve(config, STUDY)["finetune"]
 # The teacher stages gate most pretrain jobs: scheduled first, they do not wait behind runs that need no teacher.
 CRITICAL_PATH = 10
 
@@ -38,6 +41,12 @@ CRITICAL_PATH = 10
 wildcard_constraints:
     run="[a-z0-9][a-z0-9-]*",
     seed="[0-9]+",
+
+
+def cpus(threads, workers=0):
+    """A job's CPUs: its torch threads and its loader processes. Also given as `cpus_per_task`, which the SLURM
+    plugin sends to sbatch as is: Snakemake caps `threads` at --cores, the controller's own core count."""
+    return threads + workers
 
 
 def out(stage, run=None, seed=None):

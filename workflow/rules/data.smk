@@ -24,7 +24,9 @@ rule data:
     params:
         cli=CLI,
         settings=lambda w: settings("source", "data"),
-    threads: config["studies"][STUDY]["data"]["processes"]
+    threads: cpus(config["studies"][STUDY]["data"]["processes"])
+    resources:
+        cpus_per_task=cpus(config["studies"][STUDY]["data"]["processes"]),
     log:
         log_file("data"),
     benchmark:

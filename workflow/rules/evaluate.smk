@@ -11,7 +11,9 @@ rule evaluate:
     params:
         cli=CLI,
         settings=lambda w: settings("evaluate", "teacher", run=w.run, seed=w.seed),
-    threads: config["studies"][STUDY]["evaluate"]["threads"]
+    threads: cpus(EVALUATE["threads"], EVALUATE["workers"])
+    resources:
+        cpus_per_task=cpus(EVALUATE["threads"], EVALUATE["workers"]),
     log:
         log_file("evaluate", "{run}", "{seed}"),
     benchmark:

@@ -9,7 +9,9 @@ rule finetune:
     params:
         cli=CLI,
         settings=lambda w: settings("finetune", "teacher", "model", "injection", run=w.run, seed=w.seed),
-    threads: resolve(config, STUDY)["finetune"]["threads"]
+    threads: cpus(FINETUNE["threads"], FINETUNE["workers"])
+    resources:
+        cpus_per_task=cpus(FINETUNE["threads"], FINETUNE["workers"]),
     log:
         log_file("finetune", "{run}", "{seed}"),
     benchmark:

@@ -9,9 +9,10 @@ rule pretrain:
         cli=training_command(TRAINING, STUDY, PACKAGE),
         settings=lambda w: settings("loss", "injection", "captions", "patch_loss", "teacher", "model", "pretrain",
                                     run=w.run, seed=w.seed),
-    threads: TRAINING["threads"]
+    threads: TRAINING_HOST["cpus_per_task"]
     resources:
         **TRAINING_RESOURCES,
+        **TRAINING_HOST,
     log:
         log_file("pretrain", "{run}", "{seed}"),
     benchmark:

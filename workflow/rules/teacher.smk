@@ -8,7 +8,9 @@ rule teacher_weights:
     params:
         cli=CLI,
         settings=lambda w: settings("teacher"),
-    threads: config["studies"][STUDY]["teacher"]["threads"]
+    threads: cpus(config["studies"][STUDY]["teacher"]["threads"])
+    resources:
+        cpus_per_task=cpus(config["studies"][STUDY]["teacher"]["threads"]),
     priority: CRITICAL_PATH
     log:
         log_file("teacher_weights"),
@@ -30,7 +32,9 @@ rule teacher:
     params:
         cli=CLI,
         settings=lambda w: settings("teacher", "model"),
-    threads: config["studies"][STUDY]["teacher"]["threads"]
+    threads: cpus(config["studies"][STUDY]["teacher"]["threads"])
+    resources:
+        cpus_per_task=cpus(config["studies"][STUDY]["teacher"]["threads"]),
     priority: CRITICAL_PATH
     log:
         log_file("teacher"),

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
@@ -421,3 +422,15 @@ def export(cfg: dict, model: nn.Module, spec: dict | None, progress: Progress, s
                "rollbacks": progress.rollbacks}
     return metrics | timings
 
+
+
+def prune_state(state: Path) -> None:
+    """Remove a finished run's resume files (checkpoint, best-epoch weights, MLflow run id): called once its output,
+    which holds the final and best exports, is published. Until then they stay, because Snakemake deletes the
+    output of a job that fails and its retry resumes from them; after, resuming has nothing left to do (a rerun
+    that is asked for trains afresh)."""
+    if not state.is_dir():
+        return
+    freed = sum(path.stat().st_size for path in state.rglob("*") if path.is_file())
+    shutil.rmtree(state)
+    log.info("removed %s (%.2f GB of checkpoints): the run's outputs are published", state, freed / 1e9)
