@@ -42,11 +42,11 @@ def tiny_world_params() -> dict:
     return params
 
 
-def tiny_world_cfg() -> dict:
-    """The demo study of `tiny_world_params`, resolved."""
+def tiny_world_cfg(run: str | None = None) -> dict:
+    """The demo study of `tiny_world_params`, resolved (for `run`'s first seed if given)."""
     from dinorankclip.config import resolve
 
-    return resolve(tiny_world_params(), "demo")
+    return resolve(tiny_world_params(), "demo", run)
 
 
 def snapshot_repo(dest: Path) -> Path:

@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 import yaml
-from helpers import REPO, snapshot_repo, venv_env
+from helpers import REPO, only_runs, snapshot_repo, venv_env
 
 from dinorankclip.config import (
     ParamsError,
@@ -58,8 +58,7 @@ def test_an_extended_study_is_validated_after_expansion_naming_the_key(params, b
 
 
 def test_the_window_rule_only_looks_at_the_runs_a_study_trains(params):
-    params["studies"]["demo"]["runs"] = ["clip", "rankclip", "drc-r1"]  # orders 0 and 1 have no window
-    params["studies"]["demo"]["finetune_runs"] = {}
+    only_runs(params["studies"]["demo"], ["clip", "rankclip", "drc-r1"], {})  # orders 0 and 1 have no window
     params["studies"]["demo"]["pretrain"]["batch_size"] = 4
     validate_params(params)
     assert expand_studies(params) == params  # nothing to expand: the same parameters
@@ -85,14 +84,14 @@ def test_snakemake_merges_a_study_file_over_params_yaml_and_jobs_see_the_expande
     clone = snapshot_repo(tmp_path / "clone")
     (clone / "list.tsv").write_text("a red circle\thttp://127.0.0.1:9/a.jpg\nno url here\n")
     (clone / "tiny.yaml").write_text(yaml.safe_dump({"studies": {"tiny": {
-        "extends": "paper", "runs": ["clip"], "finetune_runs": {}, "source": {"tsv": "list.tsv"},
-        "data": {"shard_size": 5}}}}))
+        "extends": "paper", "runs": ["clip"], "finetune_runs": {},
+        "source": {"tsv": "list.tsv", "validation_tsv": None}, "data": {"shard_size": 5}}}}))
     result = subprocess.run(["snakemake", "--cores", "1", "results/tiny/source", "--configfile", "tiny.yaml",
                              "--config", "study=tiny"], cwd=clone, env=venv_env(), capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     cfg = yaml.safe_load((clone / "results/tiny/source/config.yaml").read_text())
-    assert cfg["study"] == "tiny" and cfg["source"] == {"kind": "cc3m", "tsv": "list.tsv"}
+    assert cfg["study"] == "tiny" and cfg["source"] == {"kind": "cc3m", "tsv": "list.tsv", "validation_tsv": None}
     paper = yaml.safe_load((REPO / "params.yaml").read_text())["studies"]["paper"]
     assert cfg["data"] == {**paper["data"], "shard_size": 5} and cfg["teacher"] == paper["teacher"]
     assert (clone / "results/tiny/source/train.tsv").read_text() == "caption\turl\na red circle\thttp://127.0.0.1:9/a.jpg\n"
@@ -120,9 +119,10 @@ def test_cpus_memory_and_gpus_reach_sbatch_as_configured(tmp_path):
     clone = snapshot_repo(tmp_path / "clone")
     jobs = dry_run_jobs(clone, "--cores", "2")
     assert {rule: resources.get("cpus_per_task") for rule, resources in jobs.items()} == {
-        "source": None, "data": "16", "teacher_weights": "8", "teacher": "8", "captions": "1", "pretrain": "128",
+        "source": None, "data": "16", "teacher_weights": "8", "teacher": "8", "captions": "8", "pretrain": "128",
         "finetune": "16", "evaluate": "16", "report": None, "all": None}
     assert (jobs["pretrain"]["gpu"], jobs["pretrain"]["mem_mb"]) == ("8", "480000")  # 8 ranks x 60 GB
+    assert jobs["captions"]["gpu"] == "1"  # the paper's second captions are CoCa's
     (clone / "four.yaml").write_text("studies: {paper: {pretrain: {gpus_per_node: 4, workers: 2}}}\n")
     pretrain = dry_run_jobs(clone, "--configfile", "four.yaml")["pretrain"]
     assert (pretrain["gpu"], pretrain["mem_mb"], pretrain["cpus_per_task"]) == ("4", "240000", "40")

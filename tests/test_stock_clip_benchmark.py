@@ -93,12 +93,11 @@ def stock_env() -> Path:
 def results(stock_env: Path, tmp_path_factory) -> dict[str, tuple[dict, dict]]:
     """{benchmark: (pipeline's JSON, stock CLI's JSON)} for every demo suite, on one exported demo checkpoint."""
     root = tmp_path_factory.mktemp("stock-clip-benchmark")
-    cfg = tiny_world_cfg()
+    cfg = tiny_world_cfg("clip")
     cfg["source"]["world"].update(eval_size=60, retrieval_size=40)  # recalls @5 and @10 short of 1 on 40 pairs
-    write_demo_world(root / "source", cfg["source"]["world"] | {"port": cfg["source"]["port"]}, cfg["seed"])
+    write_demo_world(root / "source", cfg["source"]["world"] | {"port": cfg["source"]["port"]}, cfg["study_seed"])
     ev = cfg["evaluate"] = {k: v for k, v in cfg["evaluate"].items() if k not in ("linear_probe", "modality_gap")}
     ev["dataset_root"] = str(root / "source" / "eval" / "wds_{dataset_cleaned}")
-    cfg["run"] = "clip"
 
     (root / "model").mkdir()
     threads = torch.get_num_threads()

@@ -61,7 +61,7 @@ def build_step(cfg: dict, batch: int, device: torch.device) -> BuiltStep:
     opt = cfg["pretrain"]
     with tempfile.TemporaryDirectory() as tmp:
         dirs, width = stand_in_teacher(cfg, Path(tmp))
-        setup_torch(cfg["seed"], opt["threads"])
+        setup_torch(cfg["seed"], opt["threads"], opt["deterministic"])
         student, _, _, _ = build_student(cfg, dirs, device)
     if opt["grad_checkpointing"]:
         student.model.set_grad_checkpointing(True)
