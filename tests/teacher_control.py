@@ -138,6 +138,41 @@ def probe_accuracies(cfg: dict, model_dir: Path) -> dict[str, float]:
             for name in train}
 
 
+def teacher_probe_accuracies(cfg: dict, study: Path) -> dict[str, float]:
+    """The same probe on what the teacher hands over: its CLS token and its cached maps (the study's blocks, pooled
+    to the grid, projected on the cache's PCA), computed on the demo-shape images. The ceiling of the pathway: a
+    branch L distilled from these maps cannot say more about shape than they do."""
+    import torch
+    from safetensors.torch import load_file
+
+    from dinorankclip.data.features import batch_features, project
+    from dinorankclip.eval.linear_probe import linear_probe
+    from dinorankclip.eval.suites import _loader, build
+    from dinorankclip.models.clip import model_config
+    from dinorankclip.models.teacher import WEIGHTS_FILE, load_teacher, teacher_transform
+
+    device, spec, ev = torch.device("cpu"), cfg["teacher"], cfg["evaluate"]
+    teacher = load_teacher(spec, study / "teacher_weights" / WEIGHTS_FILE, device)
+    pca = load_file(str(study / "teacher" / "pca.safetensors")) or None
+    transform = teacher_transform(model_config(cfg["model"]["arch"])["vision_cfg"]["image_size"])
+
+    def features(split: str) -> dict[str, tuple]:
+        out: dict[str, list] = {"teacher_cls": [], "teacher_maps": []}
+        targets = []
+        data = build("wds/demo-shape", "linear_probe", ev, transform, split)
+        for images, target in _loader(data, ev, "wds/demo-shape", split):
+            cls, patches = batch_features(teacher, images, spec, device)
+            for name, x in (("teacher_cls", cls), ("teacher_maps", project(patches, pca).flatten(1))):
+                out[name].append(torch.nn.functional.normalize(x, dim=-1))
+            targets.append(torch.as_tensor(target))
+        y = torch.cat(targets)
+        return {name: (torch.cat(x), y) for name, x in out.items()}
+
+    train, test = features("train"), features("test")
+    return {name: linear_probe(*train[name], *test[name], ev["linear_probe"], cfg["study_seed"], "cpu")["lp_acc1"]
+            for name in train}
+
+
 def control(study: Path, work: Path, threads: int = 2, diagnose: bool = False) -> dict:
     """Shape top-1 of the frozen-trunk V5 with the true and with the shuffled teacher features, and the margin;
     with `diagnose`, each run's strength statistics and where its shape information is (`probe_accuracies`)."""
@@ -156,12 +191,14 @@ def control(study: Path, work: Path, threads: int = 2, diagnose: bool = False) -
     models = {name: train_frozen_trunk(cfg, study, teacher, work / name, trackers[name])
               for name, teacher in (("true", study / "teacher"), ("shuffled", shuffled))}
     scores = {name: shape_accuracy(cfg, model) for name, model in models.items()}
-    result = {**scores, "margin": scores["true"] - scores["shuffled"]}
+    result = {**scores, "margin": scores["true"] - scores["shuffled"],
+              "distill_feature_last": {name: t.last["loss/distill_feature"] for name, t in trackers.items()}}
     if diagnose:
         result["diagnosis"] = {name: {"strength": json.loads((model.parent / "metrics.json").read_text())["strength"],
                                       "distillation_first_last": [trackers[name].first, trackers[name].last],
                                       "probe_shape_top1": probe_accuracies(cfg, model)}
                                for name, model in models.items()}
+        result["diagnosis"]["teacher_probe_shape_top1"] = teacher_probe_accuracies(cfg, study)
     return result
 
 

@@ -260,16 +260,34 @@ def test_probe_and_modality_gap_cover_every_run_with_the_json_values(demo):
     assert (clone / "results/demo/report/modality_gap.png").stat().st_size > 10_000
 
 
-def test_the_teacher_pathway_carries_information_a_frozen_trunk_cannot_get_elsewhere(demo, tmp_path):
-    """The positive control (threshold fixed in advance at 10 points, outside the ±4.8-point noise of a 400-image
-    suite): V5 on a frozen random trunk with the true teacher features against the same features shuffled across
-    images."""
+@pytest.fixture(scope="module")
+def teacher_control(demo, tmp_path_factory) -> dict:
+    """The positive control of issue 17 (tests/teacher_control.py): V5 on a frozen random trunk, trained with the
+    true teacher features and with the same features shuffled across images."""
     from teacher_control import control
 
     clone, _ = demo
-    result = control(clone / "results/demo", tmp_path)
+    result = control(clone / "results/demo", tmp_path_factory.mktemp("control"))
     print(json.dumps(result))
-    assert result["margin"] >= 0.10, result
+    return result
+
+
+def test_branch_l_learns_the_true_teachers_maps_and_not_shuffled_ones(teacher_control):
+    """Distillation works: image-specific maps are predictable from the image, shuffled ones only on average
+    (measured: last feature loss 0.10 true, 0.51 shuffled, from 0.97 for both)."""
+    last = teacher_control["distill_feature_last"]
+    assert last["true"] < 0.5 * last["shuffled"], last
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "issue 17: the control fails on the demo world (true 36.8% vs shuffled 38.0% demo-shape top-1). Linear probes "
+    "on demo-shape: the teacher's cached maps 47%, its CLS 23.5%, the frozen random trunk's z_g 36%, branch L's "
+    "distilled maps 37.5% (36.5% shuffled), the injected delta 27.5% (28%): the stand-in teacher says little more "
+    "about these images than a random trunk, and branch L keeps 1 of its 11 points. README, 'Positive control'."))
+def test_the_teacher_pathway_carries_information_a_frozen_trunk_cannot_get_elsewhere(teacher_control):
+    """The threshold was fixed in advance at 10 points, outside the ±4.8-point noise of a 400-image suite, and is
+    not moved: strict, so the day the pathway passes this test reports it."""
+    assert teacher_control["margin"] >= 0.10, teacher_control
 
 
 def test_reference_compare_reads_the_committed_record(demo):
