@@ -23,6 +23,8 @@ import yaml
 from PIL import Image, ImageDraw
 
 LIST = "Train_GCC-training.tsv"
+VALIDATION_LIST = "Validation_GCC-1.1.0-Validation.tsv"
+VALIDATION_SERVED = 3
 SERVED, DEAD, MALFORMED = 16, 2, 1
 SUITE_SIZE = 8
 CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -88,6 +90,11 @@ def write_caption_list(www: Path, port: int, seed: int = 0) -> dict:
     random.Random(seed).shuffle(rows)
     lines = [f"{caption}\t{url}" for caption, url in rows] + ["a caption whose url was lost"]
     (www / LIST).write_text("\n".join(lines) + "\n")
+    # the validation list: the first served images again (CC3M's lists are disjoint; what matters here is that the
+    # data stage downloads a second list into data/val and pretraining validates on it) and one dead link
+    held_out = [row for row in rows if not row[1].endswith(("gone.jpg", "refused.jpg"))][:VALIDATION_SERVED]
+    held_out.append(("a validation link that went dead", f"{base}/img/gone-val.jpg"))
+    (www / VALIDATION_LIST).write_text("".join(f"{caption}\t{url}\n" for caption, url in held_out))
     return {"urls": [url for _, url in rows], "rows": len(lines)}
 
 
@@ -174,5 +181,6 @@ def write_preflight_inputs(clone: Path, www: Path, port: int) -> dict:
     write_suites(clone / Path(cfg["evaluate"]["dataset_root"]).parent)
     write_image_folder(clone / cfg["finetune"]["data"]["path"])
     (clone / "preflight-port.yaml").write_text(yaml.safe_dump(
-        {"studies": {"preflight": {"source": {"tsv": f"http://127.0.0.1:{port}/{LIST}"}}}}))
+        {"studies": {"preflight": {"source": {"tsv": f"http://127.0.0.1:{port}/{LIST}",
+                                              "validation_tsv": f"http://127.0.0.1:{port}/{VALIDATION_LIST}"}}}}))
     return {"served": SERVED, "dead_links": DEAD, "malformed": MALFORMED, "rows": listed["rows"]}

@@ -25,13 +25,15 @@ def small(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     urls = [f"http://127.0.0.1:1/img/{i}.jpg" for i in range(40)]
     Path("list.tsv").write_text("".join(f"a caption {i}\t{url}\n" for i, url in enumerate(urls)))
+    Path("val.tsv").write_text("".join(f"a held-out caption {i}\thttp://127.0.0.1:1/v/{i}.jpg\n" for i in range(6)))
     write_second_captions(tmp_path / "captions.tsv", urls[:30])
     write_teacher(tmp_path / "teacher.safetensors", TEACHER["model"], kwargs=TEACHER["model_kwargs"])
     write_suites(tmp_path / "suites", shards=2)
     params = repo_params()
     params["studies"]["small"] = {
-        "extends": "paper", "runs": ["clip"], "finetune_runs": {}, "source": {"tsv": "list.tsv"},
-        "captions": {"file": "captions.tsv"}, "model": {"arch": "demo-rn-tiny"},
+        "extends": "paper", "runs": ["clip"], "finetune_runs": {},
+        "source": {"tsv": "list.tsv", "validation_tsv": "val.tsv"},
+        "captions": {"source": "file", "file": "captions.tsv"}, "model": {"arch": "demo-rn-tiny"},
         "teacher": {**TEACHER, "weights": {"from": "file", "path": "teacher.safetensors"}, "pca_sample": 8},
         "pretrain": {"batch_size": 4, "val_samples": 4, "gpus_per_node": 0, "threads": 1},
         "evaluate": {"dataset_root": "suites/wds_{dataset_cleaned}", "workers": 2, "suites": [
@@ -50,6 +52,7 @@ def test_every_input_in_place_passes_and_the_device_checks_say_they_were_skipped
     checks = statuses(small)
     assert {name for name, check in checks.items() if check.status == "fail"} == set()
     assert checks["caption list"].values == {"rows": 40, "pairs": 40, "malformed": 0, "reasons": {}}
+    assert checks["validation list"].values == {"pairs": 6, "val_samples": 4, "malformed": 0}
     assert checks["second captions"].status == "warn" and checks["second captions"].values["covered"] == 30
     assert checks["image sample"].status == "warn"  # the list's links are refused: no shard bytes measured
     assert [checks[f"suite {d}"].values["shards"] for d in ("wds/vtab/cifar10", "wds/mscoco_captions",
@@ -74,6 +77,10 @@ def test_every_input_in_place_passes_and_the_device_checks_say_they_were_skipped
      "no class names (classnames.txt missing or empty)", "export wds/vtab/cifar10 to suites/wds_vtab-cifar10"),
     (lambda: Path("suites/wds_vtab-pets/train/1.tar").unlink(), "suite wds/vtab/pets",
      "train: 1 of 2 shards missing (e.g. 1.tar)", "export wds/vtab/pets"),
+    (lambda: Path("val.tsv").unlink(), "validation list", "source.validation_tsv: val.tsv does not exist",
+     "put CC3M's validation list (Validation_GCC-1.1.0-Validation.tsv) at source.validation_tsv"),
+    (lambda: Path("val.tsv").write_text("one caption\thttp://127.0.0.1:1/v.jpg\n"), "validation list",
+     "val.tsv: 1 (caption, url) pairs, fewer than pretrain.val_samples 4", "lower pretrain.val_samples"),
     (lambda: Path("list.tsv").write_bytes(bytes(range(256)) * 40), "caption list",
      "list.tsv: no valid (caption, url) rows among", "put Google's CC3M training list"),
 ])
@@ -150,3 +157,16 @@ def test_a_retrieval_suite_smaller_than_its_largest_recall_k_fails(small):
     assert [n for n, check in checks.items() if check.status == "fail"] == ["suite wds/mscoco_captions"]
     assert checks["suite wds/mscoco_captions"].detail == ("test: 8 images, fewer than the 10 that recall_k or "
                                                           "modality_gap.pairs need")
+
+
+def test_coca_captions_need_their_weights_file_when_a_run_reads_them(tmp_path):
+    from dinorankclip.preflight.inputs import second_captions
+
+    params = validate_params(repo_params())
+    cfg = resolve(params, "paper")
+    cfg["captions"]["coca"]["weights"] = str(tmp_path / "coca.bin")
+    check = second_captions(cfg, ["alip"], None)
+    assert check.status == "fail", check
+    assert check.detail == f"captions.coca.weights: CoCa weights file '{tmp_path}/coca.bin' not found"
+    assert check.fix.startswith("Download the weights of coca_ViT-L-14 once on a machine with network"), check.fix
+    assert second_captions(cfg, [], None).status == "skip"

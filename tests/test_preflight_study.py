@@ -18,7 +18,7 @@ import subprocess
 import pytest
 import yaml
 from helpers import REPO, free_port, snakemake, snapshot_repo, venv_env
-from preflight_world import CIFAR10, DEAD, MALFORMED, SERVED, write_preflight_inputs
+from preflight_world import CIFAR10, DEAD, MALFORMED, SERVED, VALIDATION_SERVED, write_preflight_inputs
 from slurm_cluster import Cluster, memory_mb
 
 from dinorankclip.data.server import serve_directory
@@ -94,6 +94,8 @@ def test_the_data_stage_stores_every_real_world_format_and_counts_the_dead_links
     assert (source["rows"], source["kept"], source["malformed"]) == (planted["rows"], SERVED + DEAD, MALFORMED)
     stats = json.loads((clone / "results/preflight/data/stats.json").read_text())
     assert (stats["urls"], stats["stored"], stats["dead_links"], stats["corrupt"]) == (SERVED + DEAD, SERVED, DEAD, 0)
+    val = stats["validation"]  # the study's validation list (METHOD 6a), downloaded beside the training pairs
+    assert (val["urls"], val["stored"], val["dead_links"]) == (VALIDATION_SERVED + 1, VALIDATION_SERVED, 1)
 
 
 def test_the_teacher_is_the_paper_architecture_read_from_the_seeded_file(study):
@@ -194,7 +196,7 @@ def test_the_preflight_command_passes_on_the_study_and_measures_what_the_stages_
     assert checks["caption list"]["values"]["pairs"] == SERVED + DEAD  # 1 malformed row of 19: a warning
     assert checks["second captions"]["values"]["covered"] == SERVED + DEAD
     assert {name for name, check in checks.items() if check["status"] == "ok"} >= {
-        "held-out split", "teacher weights", "suite wds/vtab/cifar10",
+        "validation list", "teacher weights", "suite wds/vtab/cifar10",
         "suite wds/mscoco_captions", "suite wds/vtab/pets", "KUEA images", "disk"}
     assert all(checks[name]["device_only"] and checks[name]["status"] == "skip"
                for name in ("GPUs", "training steps", "projected time"))  # this machine has no GPU

@@ -43,7 +43,7 @@ def run_preflight(params: dict, study: str, timed_steps: int = 3, sample: int = 
         checks = [listed_check]
         pairs = stats.kept if stats else cfg["source"].get("world", {}).get("train_scenes", 0)
         if stats:
-            checks.append(inputs.held_out_split(cfg, pairs))
+            checks.append(inputs.validation_pairs(cfg, work, pairs))
         teacher = inputs.teacher_file(cfg)
         read_by = [run for run, run_cfg in configs.items() if reads_captions(run_cfg)]
         checks += [teacher, inputs.second_captions(cfg, read_by, listed), *inputs.suites(cfg),

@@ -42,9 +42,34 @@ def caption_list(cfg: dict, work: Path) -> tuple[Check, Path | None, TsvStats | 
                          "reasons": stats.reasons}), cleaned, stats
 
 
+def validation_pairs(cfg: dict, work: Path, pairs: int) -> Check:
+    """Where the study validates (METHOD §6a): on its own validation list (`source.validation_tsv`), which must
+    parse and hold `pretrain.val_samples` pairs, or on pairs held out of the training list (`held_out_split`)."""
+    from dinorankclip.data.source import fetch
+    from dinorankclip.data.tsv import clean_caption_list
+
+    listed = cfg["source"].get("validation_tsv")
+    if not listed:
+        return held_out_split(cfg, pairs)
+    val, raw = cfg["pretrain"]["val_samples"], work / "raw_validation.tsv"
+    try:
+        fetch(listed, raw, "source.validation_tsv")
+        stats = clean_caption_list(raw, work / "validation.tsv")
+    except (OSError, ValueError) as err:
+        return Check("validation list", "fail", str(err).splitlines()[0].replace(str(raw), listed),
+                     fix=f"put CC3M's validation list (Validation_GCC-1.1.0-Validation.tsv) at source.validation_tsv "
+                         f"({listed}), or set source.validation_tsv: null to hold pairs out of the training list")
+    values = {"pairs": stats.kept, "val_samples": val, "malformed": stats.malformed}
+    if stats.kept < val:
+        return Check("validation list", "fail", f"{listed}: {stats.kept:,} (caption, url) pairs, fewer than "
+                     f"pretrain.val_samples {val:,}", fix="lower pretrain.val_samples", values=values)
+    return Check("validation list", "ok", f"{listed}: {stats.kept:,} pairs; the first {val:,} validate every epoch "
+                 "(fewer once dead links are gone); training keeps every listed pair", values=values)
+
+
 def held_out_split(cfg: dict, pairs: int) -> Check:
-    """The validation pairs are held out of the list itself (a seeded split, `pretrain.val_samples`): the list must
-    hold them and at least one global batch besides."""
+    """Without a validation list the validation pairs are held out of the list itself (a seeded split,
+    `pretrain.val_samples`): the list must hold them and at least one global batch besides."""
     opt = cfg["pretrain"]
     val, batch = opt["val_samples"], opt["batch_size"]
     if pairs < val + batch:
@@ -106,12 +131,30 @@ def _mismatch(teacher: dict, path: Path, err: Exception) -> str:
     return ", ".join(parts) or str(err).strip().splitlines()[0]
 
 
+def captioner_weights(coca: dict, read_by: list[str]) -> Check:
+    """CoCa's weights file loads into `captions.coca.model`, with the captions stage's own loader."""
+    import torch
+
+    from dinorankclip.models.captioner import load_captioner
+
+    if not read_by:
+        return Check("second captions", "skip", "captions.source coca, and no run reads second captions")
+    try:
+        load_captioner(coca, torch.device("cpu"))
+    except (FileNotFoundError, ValueError) as err:
+        message = str(err)
+        return Check("second captions", "fail", message.split(". ")[0],
+                     fix=message.split(". ", 1)[1] if ". " in message else "set captions.coca.weights")
+    return Check("second captions", "ok", f"captions.coca.weights {coca['weights']} loads into {coca['model']}; "
+                 f"read by {', '.join(read_by)}")
+
+
 def second_captions(cfg: dict, read_by: list[str], listed: Path | None) -> Check:
     """The captions stage's input covers the list. Each caption source checks its own input: the file source is
     read with the stage's own reader; a source without a check here is reported as not checked."""
     source = cfg["captions"].get("source", "file")
-    if source != "file":
-        return Check("second captions", "skip", f"captions.source {source}: not checked by preflight")
+    if source == "coca":
+        return captioner_weights(cfg["captions"]["coca"], read_by)
     path = cfg["captions"]["file"]
     if not path:
         if read_by:
