@@ -129,14 +129,15 @@ def write_features(root, shards: dict[str, list[str]]):
 
 def reduced_study(clone: Path, port: int) -> dict:
     """Shrink the demo study in a clone's own params.yaml to the smallest one that still has every stage:
-    one pretraining run (`clip`) and its KUEA fine-tuning, on a 1,000-scene world, with per-step log lines, and its
-    dvc.yaml. The report's comparison tables are skipped by the report stage itself (their runs are not in the
-    study)."""
+    one pretraining run (`clip`, one seed) and its KUEA fine-tuning, on a 1,000-scene world, with per-step log
+    lines, and its dvc.yaml. The report's comparison tables are skipped by the report stage itself (their runs are
+    not in the study)."""
     from dinorankclip.dvc_yaml import render
 
     params = repo_params()
     demo = params["studies"]["demo"]
     only_runs(demo, ["clip"], {"clip-kuea": "clip"})  # the study's own lists; the registry stays
+    demo["seeds"] = {"default": [0]}  # one seed: the multi-seed paths are the full demo's (test_demo_e2e.py)
     demo["source"]["port"] = port
     demo["source"]["world"].update(train_scenes=1000, eval_size=100, retrieval_size=100, probe_train_size=60,
                                    dead_links=2, corrupt_files=2, malformed_rows=2)
