@@ -432,7 +432,8 @@ def projection(rates: dict, sizes) -> dict:
             "drc-r3" if variant not in ("none", "v1") else "drc-r3-fusion-v1" if variant == "v1" else
             "rankclip" if cfg["loss"]["name"] == "plackett_luce" and order >= 1 else "clip")
         nearest[run] = like
-        samples = cfg["pretrain"]["epochs"] * (features.CC3M_PAIRS - cfg["pretrain"]["val_samples"])
+        held_out = 0 if cfg["source"].get("validation_tsv") else cfg["pretrain"]["val_samples"]
+        samples = cfg["pretrain"]["epochs"] * (features.CC3M_PAIRS - held_out)
         hours[run] = samples / (gpus * rates[like]["samples_per_s"]) / 3600
     return {"gpus": gpus, "hours_per_run": hours, "total_hours": sum(hours.values()), "budget_hours": 72,
             "approximated_by": {run: like for run, like in nearest.items() if like != run}}

@@ -21,10 +21,8 @@ Prints one JSON object on stdout (progress goes to stderr) and writes it to --ou
 """
 
 import argparse
-import itertools
 import json
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -35,12 +33,8 @@ import torch
 from dinorankclip.config import load_params, resolve
 from dinorankclip.io import write_json
 from dinorankclip.train.flops import mfu, peak_flops, step_flops
-from dinorankclip.train.ledger import StepLedger
-from dinorankclip.train.objective import build_objective
-from dinorankclip.train.optim import make_optimizer, param_groups
-from dinorankclip.train.pretrain import build_student, setup_torch
-from dinorankclip.train.step import MAX_LOGIT_SCALE, TrainStep, autocast, update
-from dinorankclip.train.synthetic import stand_in_teacher, synthetic_inputs
+from dinorankclip.train.step import MAX_LOGIT_SCALE, autocast
+from dinorankclip.train.synthetic import synthetic_inputs, synthetic_step
 
 
 def log(message: str) -> None:
@@ -50,29 +44,8 @@ def log(message: str) -> None:
 def our_step(cfg: dict, args, device: torch.device, precision: str, gather: bool = False) -> Callable[[], None]:
     """One training step of the run on a fixed synthetic batch, built as `pretrain` builds it, down to the loop's
     device-side record of the loss and the gradient norm. `gather`: the losses gather candidates across ranks."""
-    opt = cfg["pretrain"]
-    with tempfile.TemporaryDirectory() as tmp:
-        dirs, width = stand_in_teacher(cfg, Path(tmp))
-        # seeds and determinism as pretraining sets them, after the stand-in's own init
-        setup_torch(cfg["seed"], args.threads, opt["deterministic"])
-        student, _, _, _ = build_student(cfg, dirs, device)
-    if opt["grad_checkpointing"]:
-        student.model.set_grad_checkpointing(True)
-    objective = build_objective(cfg["loss"], student.model.text_projection.shape[1], cfg["seed"])
-    module = TrainStep(student, objective, cfg, gather=gather).to(device).train()
-    optimizer = make_optimizer(param_groups([("", module)], opt["weight_decay"]), opt)
-    if opt["compile"]:
-        student.compile(backend=args.compile_backend)
-    images, tokens, teacher, captions = synthetic_inputs(cfg, student.model, args.batch, width, device)
-    steps, total, ledger = itertools.count(), args.warmup + args.steps + 1, StepLedger(device)
-
-    def run() -> None:
-        step = next(steps)
-        with autocast(device, precision):
-            loss, _ = module(images, tokens, teacher, step, total, captions)
-        ledger.record(step, loss.detach(), update(module, loss, optimizer, student.model, opt["grad_clip"]))
-
-    return run
+    return synthetic_step(cfg, args.batch, device, precision, args.threads, args.warmup + args.steps + 1, gather,
+                          args.compile_backend).run
 
 
 def open_clip_step(cfg: dict, args, device: torch.device, precision: str) -> Callable[[], None]:

@@ -8,6 +8,7 @@ and a short feature shard ended in IndexErrors from wids, the latter after some 
 
 import io
 import json
+import re
 import subprocess
 import tarfile
 from pathlib import Path
@@ -99,17 +100,19 @@ def test_a_killed_job_continues_its_mlflow_run_and_a_params_change_starts_a_new_
 
     project, _ = killed_then_resumed
     client = MlflowClient(store)
-    (first,) = runs = mlflow_runs(store, project)
+    (first,) = mlflow_runs(store, project)
     assert first.info.status == "FINISHED" and first.data.tags["resumed"] == "true"
     assert losses(store, first) == [1, 2, 3, 4, 5, 6]  # steps up to the checkpoint flushed with it, the rest once
     timings = json.loads((project / "results/demo/timings/pretrain/clip/seed0.json").read_text())
     assert timings["resumes"] == 1 and timings["train_seconds"] > 0 and timings["device_hours"] > 0
 
+    state = project / "results/demo/state/pretrain/clip/seed0"
+    assert not state.exists()  # the finished job removed its checkpoints once its output was published
     set_lr(project, 1e-4)
     rerun = pretrain(project, store)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert "was written for other settings or data; starting afresh" in rerun.stderr
-    old, new = runs = mlflow_runs(store, project)
+    assert "resumed at step" not in rerun.stderr  # (a checkpoint of other settings: tests/test_engine.py)
+    old, new = mlflow_runs(store, project)
     assert old.info.run_id == first.info.run_id and old.data.params["pretrain.lr"] == "0.003"
     assert losses(store, old) == [1, 2, 3, 4, 5, 6]  # untouched by the new settings
     assert new.data.params["pretrain.lr"] == "0.0001" and "resumed" not in new.data.tags
@@ -117,11 +120,12 @@ def test_a_killed_job_continues_its_mlflow_run_and_a_params_change_starts_a_new_
     assert old.data.tags["dinorankclip.key"] != new.data.tags["dinorankclip.key"]
     assert json.loads((project / "results/demo/timings/pretrain/clip/seed0.json").read_text())["resumes"] == 0
 
-    again = pretrain(project, store)  # the same settings again (a forced rerun): no third run
+    again = pretrain(project, store)  # the same settings again (a forced rerun): it replaces its run, no third run
     assert again.returncode == 0, again.stderr[-3000:]
-    runs = mlflow_runs(store, project)
-    assert [r.info.run_id for r in runs] == [old.info.run_id, new.info.run_id]
-    assert client.get_run(new.info.run_id).data.tags["resumed"] == "true"
+    kept, latest = mlflow_runs(store, project)
+    assert kept.info.run_id == old.info.run_id and latest.info.run_id != new.info.run_id
+    assert latest.data.tags["dinorankclip.key"] == new.data.tags["dinorankclip.key"]
+    assert client.get_run(new.info.run_id).info.lifecycle_stage == "deleted"  # in MLflow's trash, tagged
 
 
 def test_a_truncated_latest_checkpoint_is_set_aside_and_the_previous_one_resumed(tmp_path, store,
@@ -137,9 +141,9 @@ def test_a_truncated_latest_checkpoint_is_set_aside_and_the_previous_one_resumed
     result = pretrain(project, store)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"{STATE}/{checkpoint.LATEST}: not a readable checkpoint" in result.stderr  # paths from the project
-    (aside,) = state.glob("latest.corrupt-*.pt")
-    assert aside.read_bytes() == whole[: len(whole) // 2] and f"set aside as {aside.name}" in result.stderr
+    assert re.search(r"set aside as latest\.corrupt-\d{8}T\d{6}Z\.pt", result.stderr), result.stderr[-3000:]
     assert "resumed at step 2" in result.stderr
+    assert not state.exists()  # published: the checkpoints, the set-aside one included, are gone
     # the same weights, byte for byte, as the job that was killed once and resumed from a whole checkpoint
     assert model_bytes(project) == killed_then_resumed[1]
 
@@ -152,7 +156,7 @@ def test_a_truncated_latest_checkpoint_without_a_previous_one_starts_afresh(tmp_
     result = pretrain(project, store)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "not a readable checkpoint" in result.stderr and "resumed at step" not in result.stderr
-    assert len(list(state.glob("latest.corrupt-*.pt"))) == 1
+    assert result.stderr.count("set aside as latest.corrupt-") == 1
     assert model_bytes(project) == killed_then_resumed[1]
 
 

@@ -119,7 +119,7 @@ def test_cpus_memory_and_gpus_reach_sbatch_as_configured(tmp_path):
     clone = snapshot_repo(tmp_path / "clone")
     jobs = dry_run_jobs(clone, "--cores", "2")
     assert {rule: resources.get("cpus_per_task") for rule, resources in jobs.items()} == {
-        "source": None, "data": "16", "teacher_weights": "8", "teacher": "8", "captions": "8", "pretrain": "128",
+        "source": None, "data": "16", "teacher_weights": "8", "teacher": "8", "captions": "14", "pretrain": "128",
         "finetune": "16", "evaluate": "16", "report": None, "all": None}
     assert (jobs["pretrain"]["gpu"], jobs["pretrain"]["mem_mb"]) == ("8", "480000")  # 8 ranks x 60 GB
     assert jobs["captions"]["gpu"] == "1"  # the paper's second captions are CoCa's

@@ -26,21 +26,21 @@ def features(batch: int, seed: int, dtype=torch.float64) -> tuple[torch.Tensor, 
 
 
 def paper_loss(order: int, window: int = WINDOW) -> HighOrderRankLoss:
-    """The loss with every gate open and its transition weights grown 4x past their initial scale, as after
-    training, so that the transitions move the loss well above float64 resolution."""
+    """The loss with every gate open, as after training, so that the transitions move the loss well above float64
+    resolution (the weights' norm does not matter: queries and keys are normalised per head)."""
     torch.manual_seed(100 + order)
     module = HighOrderRankLoss(order, DIM, window, HEADS, HEAD_DIM, lambda_cross=0.3, lambda_in=0.2).double()
     with torch.no_grad():
         for t, gate in zip(module.transitions, (0.9, -0.7, 1.1), strict=False):
             t.gate.fill_(gate)
-            t.query.mul_(4)
-            t.key.mul_(4)
     return module
 
 
 def definition(module: HighOrderRankLoss, image: torch.Tensor, text: torch.Tensor, perm: torch.Tensor) -> float:
     """L_CLIP + w (λ_c L_cross + λ_i L_in), each ranking term the Plackett-Luce NLL of a row's reference order,
-    with u_k(j) = P_j + Σ_r tanh(g_r) φ_r(j | π(k−1) … π(k−r+1)) at positions k < window (BOS before the list)."""
+    with u_k(j) = P_j + Σ_r tanh(g_r) φ_r(j | π(k−1) … π(k−r+1)) at positions k < window (BOS before the list),
+    φ_r = s·mean over heads of ⟨q̂_h, k̂_h⟩: the query (the product of the predecessors' factors) and the key cut into
+    heads, each head scaled to unit norm (METHOD.md §2 [v2])."""
     b = image.shape[0]
     place = {column: slot for slot, column in enumerate(perm.tolist())}
 
@@ -59,8 +59,9 @@ def definition(module: HighOrderRankLoss, image: torch.Tensor, text: torch.Tenso
                     query = torch.ones(HEADS * HEAD_DIM, dtype=torch.float64)
                     for lag, projected in enumerate(factors, start=1):
                         query = query * projected[sequence[k - lag] if k - lag >= 0 else b]
-                    per_head = (keys[rest] * query).view(len(rest), HEADS, HEAD_DIM).sum(-1)
-                    utility = utility + gamma * per_head.mean(-1) / math.sqrt(HEAD_DIM)
+                    q = F.normalize(query.view(HEADS, HEAD_DIM), dim=-1)
+                    k_heads = F.normalize(keys[rest].view(len(rest), HEADS, HEAD_DIM), dim=-1)
+                    utility = utility + gamma * SCALE * (k_heads * q).sum(-1).mean(-1)
                 total += (torch.logsumexp(utility, 0) - utility[0]).item()
         return total / b
 

@@ -13,12 +13,19 @@ CFG = {"study": "s", "run": "clip", "seed": 3}
 class Tracker:
     run_id = "run"
 
-    def __init__(self, fail: bool = False) -> None:
-        self.fail = fail
+    def __init__(self, fail: str = "") -> None:
+        self.fail = fail  # "artifact": uploads fail; "drain": the last send of buffered metrics fails
 
     def log_artifact(self, path, *args) -> None:
-        if self.fail:
+        if self.fail == "artifact":
             raise ConnectionError("the tracking server is gone")
+
+    def log_metrics(self, metrics, step) -> None:
+        pass
+
+    def drain(self) -> None:
+        if self.fail == "drain":
+            raise ConnectionError("the tracking store is still locked")
 
 
 def trains(fail: bool = False):
@@ -27,11 +34,11 @@ def trains(fail: bool = False):
         state.mkdir(parents=True, exist_ok=True)
         (state / "latest.pt").write_bytes(b"\0" * 4096)
         (state / "best.pt").write_bytes(b"\0" * 1024)
-        (state / training.RUN_ID_FILE).write_text('{"run_id": "run"}')
         if fail:
             raise RuntimeError("killed at the last step")
         (out / "model").mkdir()
         (out / "metrics.json").write_text("{}")
+        return {key: 0 for key in training.TIMING_KEYS}
     return run
 
 
@@ -41,12 +48,13 @@ def test_checkpoints_go_once_the_output_is_published_and_stay_when_the_job_fails
     monkeypatch.setattr(training, "pretrain", trains(fail=True))
     with pytest.raises(RuntimeError):
         cli.cmd_pretrain(CFG, None, Tracker())
-    assert sorted(p.name for p in state.iterdir()) == ["best.pt", "latest.pt", training.RUN_ID_FILE]
+    assert sorted(p.name for p in state.iterdir()) == ["best.pt", "latest.pt"]
     assert not output.exists()
     monkeypatch.setattr(training, "pretrain", trains())
-    with pytest.raises(ConnectionError):
-        cli.cmd_pretrain(CFG, None, Tracker(fail=True))  # published, but the job fails: Snakemake deletes output
-    assert (state / "latest.pt").is_file() and (output / "metrics.json").is_file()
+    for fail in ("artifact", "drain"):  # published, but the job fails: Snakemake deletes output
+        with pytest.raises(ConnectionError):
+            cli.cmd_pretrain(CFG, None, Tracker(fail=fail))
+        assert (state / "latest.pt").is_file() and (output / "metrics.json").is_file(), fail
     cli.cmd_pretrain(CFG, None, Tracker())
     assert not state.exists() and (output / "metrics.json").is_file() and (output / "model").is_dir()
     assert state.parent.is_dir()  # only this (run, seed)'s folder goes

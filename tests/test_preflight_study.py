@@ -32,7 +32,7 @@ TARGETS = ["results/preflight/captions", "results/preflight/pretrain/clip/seed0"
 PARAMS = ["--params", "params.yaml", "--params", "studies/preflight.yaml", "--params", "preflight-port.yaml"]
 # what each job of the study asks of a node: its CPUs (threads + loader workers of each rank), memory and GPUs
 REQUESTS = {"data": (1, 32000, None), "teacher_weights": (2, 16000, None), "teacher": (2, 64000, "gres:gpu:1"),
-            "captions": (1, 8000, None), "pretrain": (2, 60000, None), "finetune": (2, 64000, "gres:gpu:1"),
+            "captions": (1, 32000, None), "pretrain": (2, 60000, None), "finetune": (2, 64000, "gres:gpu:1"),
             "evaluate": (2, 64000, "gres:gpu:1")}
 
 

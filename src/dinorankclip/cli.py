@@ -171,6 +171,7 @@ def cmd_pretrain(cfg: dict, args, tracker) -> None:
         metrics = pretrain(cfg, *inputs, out, tracker, state)
     tracker.log_artifact(stage_dir(study, "pretrain", *job) / "metrics.json")
     record_timings(cfg, "pretrain", {key: metrics[key] for key in TIMING_KEYS}, tracker)
+    tracker.drain()  # every metric in the store before the checkpoints go: a store that is away fails the job here
     prune_state(state)
 
 

@@ -16,10 +16,10 @@ rule captions:
     params:
         cli=CLI,
         settings=lambda w: settings("captions"),
-    threads: cpus(CAPTIONS["coca"]["threads"] if CAPTIONER else 1)
+    threads: cpus(CAPTIONS["coca"]["threads"], CAPTIONS["coca"]["workers"]) if CAPTIONER else cpus(1)
     resources:
         gpu=1 if CAPTIONER else 0,
-        cpus_per_task=cpus(CAPTIONS["coca"]["threads"] if CAPTIONER else 1),
+        cpus_per_task=cpus(CAPTIONS["coca"]["threads"], CAPTIONS["coca"]["workers"]) if CAPTIONER else cpus(1),
     log:
         log_file("captions"),
     benchmark:

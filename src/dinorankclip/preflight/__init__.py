@@ -1,11 +1,13 @@
 """`dinorankclip preflight --study S`: everything a study needs, checked before its GPU-hours are spent.
 
-Inputs (`inputs`): the caption list parses, with room for the held-out split; the teacher file loads into the named
-architecture; the second captions cover the list; every suite has its shards (enough for the loader workers), class
-names and templates; KUEA's image folder. Space (`disk`): shards, teacher cache, captions, checkpoints and exports,
-from bytes measured per image and per run, against the free disk. Device (`device`, `steps`; marked device-only,
-skipped without a GPU): GPUs and driver, then a few real training steps of each distinct kind of run at the
-per-GPU batch — peak memory against the card, seconds per step — projected to each (run, seed) and the study.
+Inputs (`inputs`): the caption list parses; the validation list holds `val_samples` pairs (or, without one, the
+training list has room for the held-out split); the teacher file loads into the named architecture; the second
+captions cover the list (CoCa: its weights load); every suite has its shards (fewer than the loader workers: a
+warning), class names and templates; KUEA's image folder. Space (`disk`): shards, teacher cache, captions,
+checkpoints and exports, from bytes measured per image and per run, against the free disk. Device (`device`,
+`steps`; marked device-only, skipped without a GPU): GPUs and driver, then a few real training steps of each
+distinct kind of run at the per-GPU batch — peak memory against the card, seconds per step — projected to each
+(run, seed) and the study.
 
 Printed as a table, written as JSON with `--json`; the exit status is 1 when any check fails, each failure naming
 its fix. Nothing under results/ is written.

@@ -11,14 +11,11 @@ on disk (checkpoint with AdamW moments, best-epoch weights, the two exports).
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -51,36 +48,14 @@ class BuiltStep:
 
 
 def build_step(cfg: dict, batch: int, device: torch.device) -> BuiltStep:
-    """The run's training step on a fixed synthetic batch of `batch` pairs."""
-    from dinorankclip.train.objective import build_objective
-    from dinorankclip.train.optim import make_optimizer, param_groups
-    from dinorankclip.train.pretrain import build_student, setup_torch
-    from dinorankclip.train.step import TrainStep, autocast, update
-    from dinorankclip.train.synthetic import stand_in_teacher, synthetic_inputs
+    """The run's training step on a fixed synthetic batch of `batch` pairs, and what its checkpoint and exports hold."""
+    from dinorankclip.train.synthetic import synthetic_step
 
     opt = cfg["pretrain"]
-    with tempfile.TemporaryDirectory() as tmp:
-        dirs, width = stand_in_teacher(cfg, Path(tmp))
-        setup_torch(cfg["seed"], opt["threads"], opt["deterministic"])
-        student, _, _, _ = build_student(cfg, dirs, device)
-    if opt["grad_checkpointing"]:
-        student.model.set_grad_checkpointing(True)
-    objective = build_objective(cfg["loss"], student.model.text_projection.shape[1], cfg["seed"])
-    module = TrainStep(student, objective, cfg, gather=False).to(device).train()
-    optimizer = make_optimizer(param_groups([("", module)], opt["weight_decay"]), opt)
-    if opt["compile"]:
-        student.compile()
-    images, tokens, teacher, captions = synthetic_inputs(cfg, student.model, batch, width, device)
     precision = opt["precision"] if device.type == "cuda" else "fp32"
-    steps = itertools.count()
-
-    def run() -> None:
-        with autocast(device, precision):
-            loss, _ = module(images, tokens, teacher, next(steps), 1_000_000, captions)
-        update(module, loss, optimizer, student.model, opt["grad_clip"])
-
-    moments = 2 * sum(p.numel() * 4 for p in module.parameters() if p.requires_grad)  # AdamW's fp32 moments
-    return BuiltStep(run, _bytes(student.model.state_dict()), _bytes(module.state_dict()) + moments)
+    step = synthetic_step(cfg, batch, device, precision, opt["threads"], total_steps=1_000_000)
+    moments = 2 * sum(p.numel() * 4 for p in step.module.parameters() if p.requires_grad)  # AdamW's fp32 moments
+    return BuiltStep(step.run, _bytes(step.student.model.state_dict()), _bytes(step.module.state_dict()) + moments)
 
 
 def _bytes(state: dict) -> int:
@@ -118,9 +93,11 @@ def _sync(device: torch.device) -> None:
 
 def total_steps(cfg: dict, pairs: int) -> int:
     """Training steps of a run on `pairs` stored pairs: every full global batch of every epoch, capped by
-    `max_steps`, as the pretraining loop counts them."""
+    `max_steps`, as the pretraining loop counts them (the validation pairs come out of the training pairs unless
+    the study has its own validation list)."""
     opt = cfg["pretrain"]
-    per_epoch = (pairs - opt["val_samples"]) // opt["batch_size"]
+    held_out = 0 if cfg["source"].get("validation_tsv") else opt["val_samples"]
+    per_epoch = (pairs - held_out) // opt["batch_size"]
     return min(opt["epochs"] * per_epoch, opt["max_steps"] or math.inf)
 
 

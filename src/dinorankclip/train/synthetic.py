@@ -2,13 +2,18 @@
 
 `stand_in_teacher` writes, in a temporary directory, the teacher stage outputs `build_student` reads (the cache's
 channel width; random weights for an online teacher: speed does not depend on them); `synthetic_inputs` gives a
-batch shaped as the loader yields it. Used by `bench/step.py` and `dinorankclip preflight`.
+batch shaped as the loader yields it; `synthetic_step` builds the run's whole training step on them. Used by
+`bench/step.py`, `bench/gpu_suite.py` and `dinorankclip preflight`.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import json
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import open_clip
@@ -64,3 +69,47 @@ def synthetic_inputs(cfg: dict, model: torch.nn.Module, batch: int, width: int, 
         captions = open_clip.get_tokenizer(cfg["model"]["arch"])([f"a longer synthetic description {i}"
                                                                   for i in range(batch)]).to(device)
     return images.to(device), tokens.to(device), teacher, captions
+
+
+@dataclass
+class SyntheticStep:
+    run: Callable[[], None]  # one step: forward, backward, update, and the loop's device-side record of them
+    student: torch.nn.Module  # the `Student` (its `.model` is what an export holds)
+    module: torch.nn.Module  # the `TrainStep`: student, objective and heads, everything a checkpoint holds
+
+
+def synthetic_step(cfg: dict, batch: int, device: torch.device, precision: str, threads: int, total_steps: int,
+                   gather: bool = False, compile_backend: str = "inductor") -> SyntheticStep:
+    """The run's training step on a fixed synthetic batch of `batch` pairs, built as `pretrain` builds it
+    (`build_student` after `setup_torch`, `build_objective`, `TrainStep`, AdamW over `param_groups`, `update`, the
+    loop's `StepLedger`); `total_steps` sets where the schedules are; `gather`: the losses gather candidates across
+    ranks."""
+    from dinorankclip.train.ledger import StepLedger
+    from dinorankclip.train.objective import build_objective
+    from dinorankclip.train.optim import make_optimizer, param_groups
+    from dinorankclip.train.pretrain import build_student, setup_torch
+    from dinorankclip.train.step import TrainStep, autocast, update
+
+    opt = cfg["pretrain"]
+    with tempfile.TemporaryDirectory() as tmp:
+        dirs, width = stand_in_teacher(cfg, Path(tmp))
+        # seeds and determinism as pretraining sets them, after the stand-in's own init
+        setup_torch(cfg["seed"], threads, opt["deterministic"])
+        student, _, _, _ = build_student(cfg, dirs, device)
+    if opt["grad_checkpointing"]:
+        student.model.set_grad_checkpointing(True)
+    objective = build_objective(cfg["loss"], student.model.text_projection.shape[1], cfg["seed"])
+    module = TrainStep(student, objective, cfg, gather=gather).to(device).train()
+    optimizer = make_optimizer(param_groups([("", module)], opt["weight_decay"]), opt)
+    if opt["compile"]:
+        student.compile(backend=compile_backend)
+    images, tokens, teacher, captions = synthetic_inputs(cfg, student.model, batch, width, device)
+    steps, ledger = itertools.count(), StepLedger(device)
+
+    def run() -> None:
+        step = next(steps)
+        with autocast(device, precision):
+            loss, _ = module(images, tokens, teacher, step, total_steps, captions)
+        ledger.record(step, loss.detach(), update(module, loss, optimizer, student.model, opt["grad_clip"]))
+
+    return SyntheticStep(run, student, module)
