@@ -332,5 +332,7 @@ def test_measured_cost_sums_a_fine_tuned_runs_jobs_and_names_the_seeds_without_t
     assert table.loc["clip-kuea", "device-hours"] == pytest.approx(0.7)  # its start run's 0.6 plus its own 0.1
     assert table.loc["clip-kuea", "train seconds"] == pytest.approx((120 + 170) / 2)
     assert table.loc["drc-r3", "seeds"] == 1 and table.loc["drc-r3", "device-hours"] == pytest.approx(0.9)
-    assert "Without timings (left out): drc-r3/seed1." in (timings / "compute.md").read_text()
+    markdown = (timings / "compute.md").read_text()
+    assert "Without timings (left out): drc-r3/seed1." in markdown
+    assert "| clip | 0.6 ± 1.3 | 120 ± 2.5e+02 | 2 |" in markdown, markdown  # hours and seconds, not percentages
     assert write_measured_cost("demo", tmp_path / "none", ["clip"], {}, {"clip": [0]}) == []

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from dinorankclip.io import read_json
 from dinorankclip.layout import seed_part
+from dinorankclip.report.render import Style
 from dinorankclip.report.tables import Samples, Table, summarise
 
 log = logging.getLogger("dinorankclip")
@@ -63,4 +64,4 @@ def write_measured_cost(study: str, timings_dir: Path, runs: list[str], tuned: d
         text += f" Without timings (left out): {', '.join(missing)}."
         log.warning("measured cost: no timings for %s", ", ".join(missing))
     return write_table(measured_cost_table(samples), f"{study}: measured training cost", text,
-                       timings_dir / "compute")
+                       timings_dir / "compute", Style(plain=tuple(COLUMNS.values())))
