@@ -205,7 +205,7 @@ def test_the_readme_clip_benchmark_example_writes_the_evaluate_stages_json(tmp_p
     ev["suites"] = [suite for suite in ev["suites"] if suite["dataset"] == "wds/demo-retrieval"]
     del ev["linear_probe"], ev["modality_gap"]
     write_eval_suite(retrieval_suite(random.Random(0), 30), Path("results/demo/source/eval/wds_demo-retrieval"), 64)
-    model_dir = Path("results/demo/pretrain/drc-r3/model")
+    model_dir = Path("results/demo/pretrain/drc-r3/seed0/model")
     model_dir.mkdir(parents=True)
     torch.manual_seed(0)
     model, _, spec = create_clip(cfg["model"]["arch"], cfg["injection"], len(cfg["teacher"]["blocks"]))
@@ -218,8 +218,8 @@ def test_the_readme_clip_benchmark_example_writes_the_evaluate_stages_json(tmp_p
     done = subprocess.run([sys.executable, *command], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": str(ev["threads"])})
     assert done.returncode == 0, done.stderr[-3000:]
-    cli = json.loads(Path("demo-retrieval_results_demo_pretrain_drc-r3_model_demo-rn-tiny_en_zeroshot_retrieval.json")
-                     .read_text())
+    written = "demo-retrieval_results_demo_pretrain_drc-r3_seed0_model_demo-rn-tiny_en_zeroshot_retrieval.json"
+    cli = json.loads(Path(written).read_text())
     evaluate_run(cfg, model_dir, Path("pipeline"), NullTracker())
     assert cli == json.loads(Path("pipeline/demo-retrieval.json").read_text())
     assert cli["model"] == "demo-rn-tiny" and set(cli["metrics"]) == {f"{side}_retrieval_recall@{k}" for k in (1, 5, 10)
