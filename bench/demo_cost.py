@@ -53,8 +53,10 @@ def logged(log: Path, pattern) -> float | None:
 
 
 def read_jobs(results: Path) -> list[Job]:
-    """One Job per benchmark file under `results`/benchmarks (a file of repeats: their means)."""
-    files = sorted((results / "benchmarks").glob("*/*.tsv"))
+    """One Job per benchmark file under `results`/benchmarks (a file of repeats: their means): a study-wide job's
+    `<stage>/<stage>.tsv`, a (run, seed)'s `<stage>/<run>/seed<k>.tsv`."""
+    root = results / "benchmarks"
+    files = sorted(root.glob("*/**/*.tsv"))
     if not files:
         raise FileNotFoundError(f"{results}/benchmarks: no Snakemake benchmark files (<stage>/<job>.tsv)")
     jobs = []
@@ -71,8 +73,9 @@ def read_jobs(results: Path) -> list[Job]:
                 raise ValueError(f"{file}: column {column}: {err}") from None
             return None if None in values else statistics.fmean(values)
 
-        log = results / "logs" / file.parent.name / f"{file.stem}.log"
-        jobs.append(Job(file.parent.name, file.stem, mean("s"), mean("cpu_time"), mean("max_rss"),
+        stage, *job = file.relative_to(root).with_suffix("").parts
+        log = results / "logs" / stage / f"{'/'.join(job)}.log"
+        jobs.append(Job(stage, "/".join(job), mean("s"), mean("cpu_time"), mean("max_rss"),
                         logged(log, STARTUP), logged(log, FINISHED)))
     return jobs
 

@@ -154,11 +154,12 @@ def demo_cost(*args):
 
 
 def test_the_cost_table_reads_benchmarks_and_the_logged_split(tmp_path):
-    this = study_results(tmp_path / "this", {
-        "pretrain/clip": [(100, 1000, 60)], "pretrain/drc-r3": [(120, 1200, 80)],
-        "evaluate/clip": [(20, 900, 14)], "evaluate/drc-r3": [(22, 950, 15), (26, 950, 17)],  # repeats: their mean
+    this = study_results(tmp_path / "this", {  # the (run, seed) layout, against a commit from before it
+        "pretrain/clip/seed0": [(100, 1000, 60)], "pretrain/drc-r3/seed1": [(120, 1200, 80)],
+        "evaluate/clip/seed0": [(20, 900, 14)],
+        "evaluate/drc-r3/seed1": [(22, 950, 15), (26, 950, 17)],  # repeats: their mean
         "report/report": [(5, "NA", "NA")]},  # too short for Snakemake to sample
-        {"pretrain/clip": (10.0, 70.0), "pretrain/drc-r3": (12.0, 90.0)})
+        {"pretrain/clip/seed0": (10.0, 70.0), "pretrain/drc-r3/seed1": (12.0, 90.0)})
     other = study_results(tmp_path / "other", {
         "pretrain/clip": [(200, 1000, 100)], "pretrain/drc-r3": [(240, 1000, 140)],
         "evaluate/clip": [(40, 900, 30)], "evaluate/drc-r3": [(48, 900, 30)]}, {})
