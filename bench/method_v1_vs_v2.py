@@ -5,7 +5,7 @@ v1 as METHOD.md's first version defined it: the gate reads the raw z_g, its proj
 α = 0 and b = −4; the transition utilities are ⟨q, k⟩/(h·√d_h) without QK-norm or the logit scale. v2 is the code
 as it stands. Needs a finished demo (its data, teacher and captions stages); prints and writes JSON:
 
-    python bench/method_v1_vs_v2.py results/demo --seeds 0 1 2 --out bench/method_v1_vs_v2.json
+    python bench/method_v1_vs_v2.py results/demo --seeds 0 1 2 --out docs/reference/method_v1_vs_v2.json
 """
 
 from __future__ import annotations
