@@ -13,7 +13,6 @@ Prints the JSON report on stdout and writes it to --out.
 
 import argparse
 import io
-import json
 import random
 import sys
 import time
@@ -27,7 +26,7 @@ from dinorankclip.config import load_params, resolve
 from dinorankclip.data import world
 from dinorankclip.data.demo_world import jpeg_bytes
 from dinorankclip.data.features import CC3M_PAIRS
-from dinorankclip.io import write_json
+from dinorankclip.io import report_json
 from dinorankclip.models.captioner import caption_images, check_architecture, greedy_tokens
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "captioner.json"
@@ -82,9 +81,7 @@ def main() -> int:
         "cc3m_caption_hours": CC3M_PAIRS / rate / 3600,
         "peak_gpu_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None,
     }
-    write_json(args.out, report)
-    json.dump(report, sys.stdout, indent=2)
-    print()
+    report_json(report, args.out)
     return 0
 
 

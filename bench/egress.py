@@ -17,7 +17,6 @@ Prints the JSON report on stdout and writes it to --out.
 
 import argparse
 import contextlib
-import json
 import multiprocessing
 import os
 import resource
@@ -32,7 +31,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from dinorankclip.data.egress import AddressPolicy, Limits, egress_proxy
-from dinorankclip.io import write_json
+from dinorankclip.io import report_json
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "egress.json"
 
@@ -169,9 +168,7 @@ def main() -> int:
                   "load": bench_load(args.processes, args.clients, args.requests, args.body, args.proxies)}
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    write_json(args.out, report)
-    json.dump(report, sys.stdout, indent=2)
-    print()
+    report_json(report, args.out)
     return 0
 
 

@@ -21,7 +21,6 @@ Prints one JSON object on stdout (progress goes to stderr) and writes it to --ou
 """
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Callable
@@ -31,7 +30,7 @@ import open_clip
 import torch
 
 from dinorankclip.config import load_params, resolve
-from dinorankclip.io import write_json
+from dinorankclip.io import report_json
 from dinorankclip.train.flops import mfu, peak_flops, step_flops
 from dinorankclip.train.step import MAX_LOGIT_SCALE, autocast
 from dinorankclip.train.synthetic import synthetic_inputs, synthetic_step
@@ -138,10 +137,7 @@ def main() -> int:
         "open_clip_samples_per_s": ref_samples_per_s, "open_clip_step_flops": ref_flops,
         "open_clip_mfu": mfu(ref_flops, ref_steps_per_s, peak), "ratio_to_open_clip": samples_per_s / ref_samples_per_s,
     }
-    if args.out:
-        write_json(args.out, report)
-    json.dump(report, sys.stdout, indent=2)
-    print()
+    report_json(report, args.out)
     return 0
 
 

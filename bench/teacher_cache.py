@@ -16,7 +16,6 @@ Prints the JSON report on stdout and writes it to --out.
 
 import argparse
 import io
-import json
 import random
 import sys
 import time
@@ -28,7 +27,7 @@ from PIL import Image
 from dinorankclip.config import load_params, resolve
 from dinorankclip.data import features, world
 from dinorankclip.data.demo_world import jpeg_bytes
-from dinorankclip.io import write_json
+from dinorankclip.io import report_json
 from dinorankclip.models.clip import model_config
 from dinorankclip.models.teacher import create_teacher, frozen, teacher_transform
 
@@ -100,9 +99,7 @@ def main() -> int:
         "payload_bytes_per_image": bytes_per_image,
         "cc3m_projected_gb": bytes_per_image * features.CC3M_PAIRS / 1e9,
     }
-    write_json(args.out, report)
-    json.dump(report, sys.stdout, indent=2)
-    print()
+    report_json(report, args.out)
     return 0
 
 

@@ -101,6 +101,13 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
+def report_json(report: Any, out: str | os.PathLike | None) -> None:
+    """A benchmark's report: written (atomically) to `out` when given, and printed on stdout."""
+    if out is not None:
+        write_json(out, report)
+    print(json.dumps(report, indent=2))
+
+
 def read_json(path: str | os.PathLike) -> Any:
     return json.loads(Path(path).read_text())
 
