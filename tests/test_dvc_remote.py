@@ -23,12 +23,14 @@ def sh(cmd: list[str], cwd: Path, timeout: int = 600) -> str:
 
 
 def dvc_outputs(clone: Path) -> dict[str, str]:
-    """sha256 of every file under every output recorded in dvc.lock."""
+    """sha256 of every file under every output recorded in dvc.lock, except Snakemake's `.snakemake_timestamp`
+    markers, which `.dvcignore` hides from DVC (so they are neither hashed, pushed nor pulled)."""
     lock = yaml.safe_load((clone / "dvc.lock").read_text())
     roots = {out["path"] for stage in lock["stages"].values() for out in stage.get("outs", [])}
     assert roots, "dvc.lock records no outputs"
     return {str(f.relative_to(clone)): hashlib.sha256(f.read_bytes()).hexdigest()
-            for root in roots for f in sorted((clone / root).rglob("*")) if f.is_file()}
+            for root in roots for f in sorted((clone / root).rglob("*"))
+            if f.is_file() and f.name != ".snakemake_timestamp"}
 
 
 @pytest.fixture(scope="module")
