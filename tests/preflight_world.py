@@ -182,5 +182,7 @@ def write_preflight_inputs(clone: Path, www: Path, port: int) -> dict:
     write_image_folder(clone / cfg["finetune"]["data"]["path"])
     (clone / "preflight-port.yaml").write_text(yaml.safe_dump(
         {"studies": {"preflight": {"source": {"tsv": f"http://127.0.0.1:{port}/{LIST}",
-                                              "validation_tsv": f"http://127.0.0.1:{port}/{VALIDATION_LIST}"}}}}))
+                                              "validation_tsv": f"http://127.0.0.1:{port}/{VALIDATION_LIST}"},
+                                   # the paper's download refuses loopback: the test's server is the one exception
+                                   "data": {"allow": [f"127.0.0.1:{port}"]}}}}))
     return {"served": SERVED, "dead_links": DEAD, "malformed": MALFORMED, "rows": listed["rows"]}
