@@ -147,6 +147,13 @@ def test_killed_job_resumes_without_recomputing_finished_shards(cfg, cached, mon
     _, timings = features.build_feature_cache(cfg, root / "data", root / "teacher_weights", staging, root / "teacher2")
     assert computed == ["00001.tar"] and timings["images_resumed"] == 5 and timings["images_computed"] == 3
     assert {p.name: p.read_bytes() for p in (root / "teacher2/features").iterdir()} == first
+    # the output holds hard links of the staged work: a job killed before its output was published resumes with
+    # every shard (the teacher stage removes the staging once the output is published)
+    computed.clear()
+    (root / "teacher3").mkdir()
+    _, timings = features.build_feature_cache(cfg, root / "data", root / "teacher_weights", staging, root / "teacher3")
+    assert computed == [] and timings["images_resumed"] == 8 and timings["images_computed"] == 0
+    assert {p.name: p.read_bytes() for p in (root / "teacher3/features").iterdir()} == first
 
 
 def test_pca_keeps_the_top_principal_directions_of_each_block(cfg, weights_dir, tmp_path):

@@ -140,6 +140,7 @@ def cmd_teacher(cfg: dict, args, tracker) -> None:
         stats, timings = build_feature_cache(cfg, stage_dir(study, "data"), stage_dir(study, "teacher_weights"),
                                              state_dir(study, "teacher"), out)
         write_config(cfg, out)
+    shutil.rmtree(state_dir(study, "teacher"))  # published: the staged shards (hard links of the output's) can go
     tracker.log_metrics({k: v for k, v in stats.items() if isinstance(v, int | float)}, step=0)
     record_timings(cfg, "teacher", timings, tracker)
 

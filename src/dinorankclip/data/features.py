@@ -160,11 +160,13 @@ def build_feature_cache(cfg: dict, data_dir: Path, weights_dir: Path, staging: P
     progress.close()
     seconds = time.perf_counter() - start
 
+    # hard links, not moves: the finished work stays in staging until the caller has published `out`, so a job
+    # killed from here on resumes with every shard instead of computing the pass again
     (out / "features").mkdir()
-    os.replace(staging / "pca.safetensors", out / "pca.safetensors")
+    os.link(staging / "pca.safetensors", out / "pca.safetensors")
     feature_shards = []
     for shard in image_shards:
-        os.replace(staging / shard.name, out / "features" / shard.name)
+        os.link(staging / shard.name, out / "features" / shard.name)
         feature_shards.append(out / "features" / shard.name)
     stats = coverage(image_shards, feature_shards)
     nbytes = sum(p.stat().st_size for p in feature_shards)
