@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -237,6 +238,18 @@ def memory_mb(value: str) -> int:
     """A memory size as scontrol prints it (`64000M`, `62.50G`, `1T`) in MB."""
     factor = {"M": 1, "G": 1024, "T": 1024**2}[value[-1]]
     return round(float(value[:-1]) * factor)
+
+
+def scontrol(cluster: Cluster, job: str) -> dict[str, str]:
+    """What SLURM recorded of a job (`scontrol -o show job`), field by field: what sbatch received."""
+    out = subprocess.run(["scontrol", "-o", "show", "job", job], env={**os.environ, **cluster.env()},
+                         capture_output=True, text=True, check=True).stdout
+    return dict(field.split("=", 1) for field in out.split() if "=" in field)
+
+
+def submissions(log: str) -> list[tuple[str, str]]:
+    """(SLURM job id, rule) of every sbatch submission in Snakemake's log, in order."""
+    return re.findall(r"submitted with SLURM jobid (\d+) \(log: \S*/slurm_logs/rule_([a-z_]+)/", log)
 
 
 def _out(argv: list[str], env: dict) -> str:

@@ -12,14 +12,13 @@ one KUEA step of `drc-r3` on an image folder, and `drc-r3` evaluated on one suit
 
 import json
 import os
-import re
 import subprocess
 
 import pytest
 import yaml
 from helpers import REPO, free_port, snakemake, snapshot_repo, venv_env
 from preflight_world import CIFAR10, DEAD, MALFORMED, SERVED, VALIDATION_SERVED, write_preflight_inputs
-from slurm_cluster import Cluster, memory_mb
+from slurm_cluster import Cluster, memory_mb, scontrol, submissions
 
 from dinorankclip.data.server import serve_directory
 from dinorankclip.models.teacher import sha256
@@ -76,16 +75,6 @@ def study(world, cluster):
     log = snakemake(clone, [*TARGETS, *through(cluster)], timeout=1500)
     one_rank = json.loads((clone / "results/preflight/pretrain/clip/seed0/metrics.json").read_text())
     return clone, planted, log, one_rank
-
-
-def scontrol(cluster: Cluster, job: str) -> dict[str, str]:
-    out = subprocess.run(["scontrol", "-o", "show", "job", job], env={**os.environ, **cluster.env()},
-                         capture_output=True, text=True, check=True).stdout
-    return dict(field.split("=", 1) for field in out.split() if "=" in field)
-
-
-def submissions(log: str) -> list[tuple[str, str]]:
-    return re.findall(r"submitted with SLURM jobid (\d+) \(log: \S*/slurm_logs/rule_([a-z_]+)/", log)
 
 
 def test_the_data_stage_stores_every_real_world_format_and_counts_the_dead_links(study):

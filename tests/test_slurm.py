@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 from helpers import REPO, copy_clone, evaluation_json_count, snakemake
 from safetensors.torch import load_file
-from slurm_cluster import Cluster, memory_mb
+from slurm_cluster import Cluster, memory_mb, scontrol, submissions
 
 pytestmark = [pytest.mark.slurm, pytest.mark.e2e,
               pytest.mark.skipif(os.geteuid() != 0, reason="slurmd runs jobs as their submitter only as root")]
@@ -33,17 +33,6 @@ def cluster():
         yield cluster
     finally:
         cluster.stop()
-
-
-def scontrol(cluster: Cluster, job: str) -> dict[str, str]:
-    out = subprocess.run(["scontrol", "-o", "show", "job", job], env={**os.environ, **cluster.env()},
-                         capture_output=True, text=True, check=True).stdout
-    return dict(field.split("=", 1) for field in out.split() if "=" in field)
-
-
-def submissions(log: str) -> list[tuple[str, str]]:
-    """(rule, SLURM job id) of every sbatch submission in Snakemake's log, in order."""
-    return re.findall(r"submitted with SLURM jobid (\d+) \(log: \S*/slurm_logs/rule_([a-z_]+)/", log)
 
 
 def preempt_training(clone: Path, cluster: Cluster, log: Path, done: threading.Event, found: dict) -> None:
