@@ -104,31 +104,24 @@ def shape_accuracy(cfg: dict, model_dir: Path) -> float:
     return evaluate_suite(model, transform, tokenizer, suite, cfg["evaluate"], "cpu")[0]["metrics"]["acc1"]
 
 
-def probe_accuracies(cfg: dict, model_dir: Path) -> dict[str, float]:
-    """Where the shape information is, after training: the linear probe's demo-shape top-1 (clip-benchmark's
-    protocol, the evaluate stage's own) on branch L's maps (the distilled ones), on the tower's z_g, on the fused
-    δ = P(z_loc) and on the injected z. A teacher that reached branch L but not z shows as a high probe on the maps
-    beside a low one on δ or z."""
+def shape_probes(cfg: dict, transform, readouts) -> dict[str, float]:
+    """The linear probe's demo-shape top-1 (clip-benchmark's protocol, the evaluate stage's own) on each feature
+    `readouts(images)` returns ({name: [B, ...] tensor}), each flattened and L2-normalised."""
     import torch
 
     from dinorankclip.eval.linear_probe import linear_probe
     from dinorankclip.eval.suites import _loader, build
-    from dinorankclip.models.clip import load_local_dir
 
-    model, transform, _ = load_local_dir(model_dir, "cpu")
-    visual, ev = model.visual, cfg["evaluate"]
+    ev = cfg["evaluate"]
 
     @torch.no_grad()
     def features(split: str) -> dict[str, tuple]:
-        out: dict[str, list] = {"branch_maps": [], "z_g": [], "delta": [], "z": []}
+        out: dict[str, list] = {}
         targets = []
         data = build("wds/demo-shape", "linear_probe", ev, transform, split)
         for images, target in _loader(data, ev, "wds/demo-shape", split):
-            f = visual.features(images)
-            delta = visual.fusion(f.maps)
-            maps = torch.cat([m.flatten(1) for m in f.maps], dim=1)  # what branch L learned to say, every position
-            for name, x in (("branch_maps", maps), ("z_g", f.z_g), ("delta", delta), ("z", f.z)):
-                out[name].append(torch.nn.functional.normalize(x.float(), dim=-1))
+            for name, x in readouts(images).items():
+                out.setdefault(name, []).append(torch.nn.functional.normalize(x.float().flatten(1), dim=-1))
             targets.append(torch.as_tensor(target))
         y = torch.cat(targets)
         return {name: (torch.cat(x), y) for name, x in out.items()}
@@ -136,6 +129,25 @@ def probe_accuracies(cfg: dict, model_dir: Path) -> dict[str, float]:
     train, test = features("train"), features("test")
     return {name: linear_probe(*train[name], *test[name], ev["linear_probe"], cfg["study_seed"], "cpu")["lp_acc1"]
             for name in train}
+
+
+def probe_accuracies(cfg: dict, model_dir: Path) -> dict[str, float]:
+    """Where the shape information is, after training: the probe (`shape_probes`) on branch L's maps (the distilled
+    ones, every position), on the tower's z_g, on the fused δ = P(z_loc) and on the injected z. A teacher that
+    reached branch L but not z shows as a high probe on the maps beside a low one on δ or z."""
+    import torch
+
+    from dinorankclip.models.clip import load_local_dir
+
+    model, transform, _ = load_local_dir(model_dir, "cpu")
+    visual = model.visual
+
+    def readouts(images):
+        f = visual.features(images)
+        maps = torch.cat([m.flatten(1) for m in f.maps], dim=1)
+        return {"branch_maps": maps, "z_g": f.z_g, "delta": visual.fusion(f.maps), "z": f.z}
+
+    return shape_probes(cfg, transform, readouts)
 
 
 def teacher_probe_accuracies(cfg: dict, study: Path) -> dict[str, float]:
@@ -146,31 +158,19 @@ def teacher_probe_accuracies(cfg: dict, study: Path) -> dict[str, float]:
     from safetensors.torch import load_file
 
     from dinorankclip.data.features import batch_features, project
-    from dinorankclip.eval.linear_probe import linear_probe
-    from dinorankclip.eval.suites import _loader, build
     from dinorankclip.models.clip import model_config
     from dinorankclip.models.teacher import WEIGHTS_FILE, load_teacher, teacher_transform
 
-    device, spec, ev = torch.device("cpu"), cfg["teacher"], cfg["evaluate"]
+    device, spec = torch.device("cpu"), cfg["teacher"]
     teacher = load_teacher(spec, study / "teacher_weights" / WEIGHTS_FILE, device)
     pca = load_file(str(study / "teacher" / "pca.safetensors")) or None
     transform = teacher_transform(model_config(cfg["model"]["arch"])["vision_cfg"]["image_size"])
 
-    def features(split: str) -> dict[str, tuple]:
-        out: dict[str, list] = {"teacher_cls": [], "teacher_maps": []}
-        targets = []
-        data = build("wds/demo-shape", "linear_probe", ev, transform, split)
-        for images, target in _loader(data, ev, "wds/demo-shape", split):
-            cls, patches = batch_features(teacher, images, spec, device)
-            for name, x in (("teacher_cls", cls), ("teacher_maps", project(patches, pca).flatten(1))):
-                out[name].append(torch.nn.functional.normalize(x, dim=-1))
-            targets.append(torch.as_tensor(target))
-        y = torch.cat(targets)
-        return {name: (torch.cat(x), y) for name, x in out.items()}
+    def readouts(images):
+        cls, patches = batch_features(teacher, images, spec, device)
+        return {"teacher_cls": cls, "teacher_maps": project(patches, pca)}
 
-    train, test = features("train"), features("test")
-    return {name: linear_probe(*train[name], *test[name], ev["linear_probe"], cfg["study_seed"], "cpu")["lp_acc1"]
-            for name in train}
+    return shape_probes(cfg, transform, readouts)
 
 
 def control(study: Path, work: Path, threads: int = 2, diagnose: bool = False) -> dict:
