@@ -16,7 +16,7 @@ from pathlib import Path
 from dinorankclip.io import read_json
 from dinorankclip.layout import seed_part
 from dinorankclip.report.render import Style
-from dinorankclip.report.tables import Samples, Table, summarise
+from dinorankclip.report.tables import Samples, Table, summarise, training_jobs
 
 log = logging.getLogger("dinorankclip")
 COLUMNS = {"device_hours": "device-hours", "train_seconds": "train seconds"}
@@ -29,7 +29,7 @@ def load_measured(timings_dir: Path, runs: list[str], tuned: dict[str, str], see
     samples: dict[str, Samples] = {label: {} for label in COLUMNS.values()}
     units, missing = set(), []
     for run in runs:
-        jobs = [("pretrain", tuned[run]), ("finetune", run)] if run in tuned else [("pretrain", run)]
+        jobs = training_jobs(run, tuned)
         for seed in seeds[run]:
             paths = [timings_dir / stage / name / f"{seed_part(seed)}.json" for stage, name in jobs]
             if not all(path.is_file() for path in paths):

@@ -104,6 +104,12 @@ def compute_label(unit: str = "PFLOP") -> str:
     return f"train {unit}"
 
 
+def training_jobs(run: str, tuned: dict[str, str]) -> list[tuple[str, str]]:
+    """The (stage, run) jobs whose training a run's cost adds up: a pretrained run's pretraining; a fine-tuned run's
+    start run's pretraining and its own fine-tuning."""
+    return [("pretrain", tuned[run]), ("finetune", run)] if run in tuned else [("pretrain", run)]
+
+
 def load_train_flops(study_dir: Path, runs: list[str], tuned: dict[str, str],
                      seeds: dict[str, list[int]]) -> Samples:
     """{run: {seed: training FLOPs}} from the (run, seed)s' metrics.json (exact: torch's flop counter times the
@@ -113,9 +119,8 @@ def load_train_flops(study_dir: Path, runs: list[str], tuned: dict[str, str],
                                 "the training-compute column")
         return float(metrics["train_flops"])
 
-    return {run: {seed: sum(read(stage, name, seed) for stage, name in (
-        [("pretrain", tuned[run]), ("finetune", run)] if run in tuned else [("pretrain", run)]))
-        for seed in seeds[run]} for run in runs}
+    return {run: {seed: sum(read(stage, name, seed) for stage, name in training_jobs(run, tuned))
+                  for seed in seeds[run]} for run in runs}
 
 
 def main_table(results: dict[str, dict[str, dict[int, dict]]], flops: Samples | None = None) -> Table:
