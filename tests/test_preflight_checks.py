@@ -118,6 +118,21 @@ def test_too_little_disk_fails_naming_what_needs_the_space(small, monkeypatch):
     assert statuses(small)["disk"].status == "ok"
 
 
+def test_image_shards_count_the_validation_images_and_coca_captions_are_sized_at_the_lists_length(small, tmp_path,
+                                                                                                   monkeypatch):
+    monkeypatch.setattr(disk, "image_bytes_per_image",
+                        lambda cfg, listed, count, work: {"bytes": 1000.0, "fetched": count, "failed": 0})
+    parts = statuses(small)["disk"].values["parts"]
+    assert parts["image shards"] == (40 + 6) * 1000.0  # data/shards and data/val: the 6 validation pairs too
+    assert parts["teacher cache"] == 40 * 4096  # the training images only
+    small["studies"]["small"]["captions"] = {"source": "coca"}  # written by the captions stage, not yet there
+    checks = statuses(small)
+    mean = (10 * len("a caption 0") + 30 * len("a caption 10")) / 40  # the list's captions
+    (tmp_path / "sized").mkdir()
+    assert checks["disk"].values["parts"]["caption shards"] == 40 * disk.caption_bytes_per_image(mean,
+                                                                                               tmp_path / "sized")
+
+
 def test_the_cli_prints_the_table_writes_the_json_and_exits_1_on_a_failure(small, tmp_path, capsys):
     from dinorankclip.cli import main
 

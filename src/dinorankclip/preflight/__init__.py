@@ -44,8 +44,8 @@ def run_preflight(params: dict, study: str, timed_steps: int = 3, sample: int = 
         listed_check, listed, stats = inputs.caption_list(cfg, work)
         checks = [listed_check]
         pairs = stats.kept if stats else cfg["source"].get("world", {}).get("train_scenes", 0)
-        if stats:
-            checks.append(inputs.validation_pairs(cfg, work, pairs))
+        validation = inputs.validation_pairs(cfg, work, pairs) if stats else None
+        checks += [validation] if validation else []
         teacher = inputs.teacher_file(cfg)
         read_by = [run for run, run_cfg in configs.items() if reads_captions(run_cfg)]
         checks += [teacher, inputs.second_captions(cfg, read_by, listed), *inputs.suites(cfg),
@@ -56,9 +56,12 @@ def run_preflight(params: dict, study: str, timed_steps: int = 3, sample: int = 
         kinds = measure_kinds(configs, device, timed_steps)
         checks += kinds["checks"]
         per_image = per_image_bytes(cfg, teacher, listed, sample, work, checks)
+        images = dict.fromkeys(per_image, pairs)
+        if cfg["source"].get("validation_tsv") and validation and validation.values:  # data/val: its images only
+            images["image shards"] = pairs + validation.values["pairs"]
         jobs = seeded(params, runs, study)
-        checks.append(disk.disk_check(pairs, per_image, [kinds["kept"][run] for run, _ in jobs
-                                                         if run in kinds["kept"]]))  # a kind that failed: its check
+        checks.append(disk.disk_check(images, per_image, [kinds["kept"][run] for run, _ in jobs
+                                                          if run in kinds["kept"]]))  # a kind that failed: its check
         projected = project(configs, jobs, pairs, kinds["timing"], device)
         checks.append(projected.pop("check"))
     return checks, projected
@@ -111,7 +114,9 @@ def _step_check(name: str, measured: dict, batch: int) -> Check:
 
 def per_image_bytes(cfg: dict, teacher: Check, listed: Path | None, sample: int, work: Path,
                     checks: list[Check]) -> dict[str, float]:
-    """Measured bytes per image of each thing the study stores per image (image shards only from a listed sample)."""
+    """Measured bytes per image of each thing the study stores per image (image shards only from a listed sample;
+    caption shards, which the captions stage writes for every study: a file's at its mean caption length, CoCa's,
+    not yet written, at the list's)."""
     from dinorankclip.train.synthetic import teacher_width
 
     sizes = {}
@@ -128,7 +133,10 @@ def per_image_bytes(cfg: dict, teacher: Check, listed: Path | None, sample: int,
     sizes["teacher cache"] = disk.cache_bytes_per_image(cfg["teacher"], width, work)
     captions = cfg["captions"]
     if captions.get("source", "file") == "file" and captions["file"] and Path(captions["file"]).is_file():
-        sizes["caption shards"] = disk.caption_bytes_per_image(disk.mean_caption_chars(Path(captions["file"])), work)
+        sizes["caption shards"] = disk.caption_bytes_per_image(disk.mean_caption_chars(Path(captions["file"]), 1),
+                                                               work)
+    elif captions.get("source") == "coca" and listed is not None:
+        sizes["caption shards"] = disk.caption_bytes_per_image(disk.mean_caption_chars(listed, 0), work)
     return sizes
 
 

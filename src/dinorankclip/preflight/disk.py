@@ -6,9 +6,10 @@ the tar (headers and padding included; a shard's end-of-archive padding, at most
   resizer at the study's data settings, each with its caption and metadata, then rewritten as the data stage does;
 - the teacher cache: CLS and pooled patch maps in fp16 (`.npy` and tar headers are what make 76.8 KB of arrays
   take 78.9 KB at the paper's sizes);
-- caption shards, when the study has second captions.
-Per (run, seed), from its built training step (`steps.kept_bytes`). Free space is read at `results/` (or its
-nearest existing parent): the sum must fit.
+- caption shards, when the study has second captions (CoCa's, not yet written: at the list's mean caption length).
+Each is stored for every listed pair; image shards also for the validation list's pairs (`data/val`). Per (run,
+seed), from its built training step (`steps.kept_bytes`). Free space is read at `results/` (or its nearest existing
+parent): the sum must fit.
 """
 
 from __future__ import annotations
@@ -119,11 +120,12 @@ def results_root() -> Path:
     return path
 
 
-def disk_check(images: int, per_image: dict[str, float], per_pair: list[dict[str, int]]) -> Check:
-    """The bytes the study writes (images x per-image sizes, every (run, seed)'s training files and exports) against
-    the free space under results/. Upper bound: every listed pair stored, every run's checkpoint at once."""
+def disk_check(images: dict[str, int], per_image: dict[str, float], per_pair: list[dict[str, int]]) -> Check:
+    """The bytes the study writes (for each thing stored per image: its images x its size; every (run, seed)'s
+    training files and exports) against the free space under results/. Upper bound: every listed pair stored, every
+    run's checkpoint at once."""
     root = results_root()
-    need = {name: images * size for name, size in per_image.items()}
+    need = {name: images[name] * size for name, size in per_image.items()}
     need["checkpoints while training"] = sum(pair["training"] for pair in per_pair)
     need["exports"] = sum(pair["exports"] for pair in per_pair)
     total, free = sum(need.values()), free_bytes(root)
@@ -134,7 +136,8 @@ def disk_check(images: int, per_image: dict[str, float], per_pair: list[dict[str
         return Check("disk", "fail", f"needs {_size(total)} under {root}, {_size(free)} free ({parts})",
                      fix=f"free {_size(total - free)} there, or make results/ a link to a larger filesystem",
                      values=values)
-    return Check("disk", "ok", f"needs {_size(total)} of {_size(free)} free under {root} for {images:,} images and "
+    return Check("disk", "ok", f"needs {_size(total)} of {_size(free)} free under {root} for "
+                 f"{max(images.values(), default=0):,} images and "
                  f"{len(per_pair)} (run, seed) trainings ({parts}; "
                  + ", ".join(f"{name} {size / 1e3:.1f} KB/image" for name, size in per_image.items()) + ")",
                  values=values)
@@ -144,9 +147,10 @@ def _size(n: float) -> str:
     return f"{n / GB:,.1f} GB" if n >= GB / 10 else f"{n / 1e6:,.1f} MB"
 
 
-def mean_caption_chars(path: Path) -> float:
-    """Mean caption length of a caption TSV (header first)."""
+def mean_caption_chars(path: Path, column: int) -> float:
+    """Mean caption length of a TSV (header first) whose `column` (0 or 1) holds the caption: 1 in a second-caption
+    file ('url<TAB>caption'), 0 in the cleaned caption list ('caption<TAB>url')."""
     lines = path.read_text(encoding="utf-8").splitlines()[1:]
-    captions = [line.split("\t", 1)[1] for line in lines if "\t" in line]
+    captions = [line.split("\t", 1)[column] for line in lines if "\t" in line]
     return sum(map(len, captions)) / max(len(captions), 1)
 
