@@ -31,6 +31,7 @@ from helpers import tiny_world_cfg, tiny_world_params, venv_env
 from PIL import ExifTags, Image
 
 from dinorankclip.config import resolve
+from dinorankclip.data.decode import UnusableImage, upright_8_bit
 from dinorankclip.data.download import build_shards
 from dinorankclip.data.egress import AddressPolicy, Limits, egress_proxy
 from dinorankclip.data.source import build_source
@@ -428,6 +429,18 @@ def test_orientation_bit_depth_and_colour_models_are_stored_as_seen_and_counted(
     assert stats["fixed"] == {"exif_orientation": 1, "16_bit": 2}
 
 
+@pytest.mark.parametrize("pixels, refusal", [
+    (np.arange(48 * 48, dtype=np.int32).reshape(48, 48) * 90_000, "I pixels (32-bit integer) with no known range"),
+    (np.linspace(-3, 7, 48 * 48, dtype=np.float32).reshape(48, 48), "F pixels (floating point) with no known range"),
+])
+def test_pixels_without_a_known_range_are_refused_not_guessed(pixels, refusal):
+    """A 32-bit or float TIFF has no fixed white point: scaling it by a guess would store a different picture."""
+    data = encoded(Image.fromarray(pixels), "TIFF")
+    assert Image.open(io.BytesIO(data)).mode == refusal[0]
+    with pytest.raises(UnusableImage, match=re.escape(refusal)):
+        upright_8_bit(data)
+
+
 # --- the egress proxy alone, against servers that never finish -----------------------------------------------
 
 
@@ -489,3 +502,20 @@ def test_a_tunnel_is_cut_at_the_deadline():
         elapsed = time.monotonic() - start
     assert received.startswith(b"HTTP/1.0 200 Connection established\r\n\r\n") and received.endswith(b"xxx")
     assert 2 <= elapsed < 2 * 3 and proxy.counts["deadline"] == 1
+
+
+def test_a_proxy_process_that_dies_fails_the_download_though_the_others_serve_on():
+    """A killed proxy process loses the downloads it held: the data stage must fail (its staging kept for the rerun),
+    not publish shards that silently lack them. The other processes keep serving the shared socket meanwhile."""
+    import multiprocessing
+
+    policy, limits = AddressPolicy.parse(["127.0.0.1"]), Limits(deadline=5, timeout=5, max_bytes=10**6)
+    with web({"/x": body(b"still served")}) as site, pytest.raises(RuntimeError) as err:
+        with egress_proxy(policy, limits, processes=2) as proxy:
+            victim = next(p for p in multiprocessing.active_children() if p.name == "egress-proxy-0")
+            os.kill(victim.pid, signal.SIGKILL)
+            victim.join(10)
+            opener = urllib.request.build_opener(urllib.request.ProxyHandler({"http": proxy.url}))
+            for _ in range(4):
+                assert opener.open(f"{site.base}/x", timeout=10).read() == b"still served"
+    assert str(err.value) == ("1 of 2 egress proxy processes died (exit codes [-9]); the downloads they held failed")
