@@ -3,7 +3,7 @@
 A whole `make demo` per commit takes 20-30 minutes on a 2-core machine, and two of them in a row rarely see the same
 load. This runs the same (stage, run) job of two finished checkouts alternately (A B B A A B ...), each in a scratch
 copy of its study (results hard-linked; the MLflow store copied, since jobs write to it), and measures each job's
-process (user + system CPU-s of it and its children, wall-s, peak RSS) with `getrusage`. The jobs read their own
+process (user + system CPU-s of it and its children, wall-s, peak RSS) with `wait4`. The jobs read their own
 commit's finished inputs, so each side runs exactly the job its `make demo` runs.
 
 Each checkout needs `.venv` and a finished `results/<study>`. A commit from before the (run, seed) layout (no
@@ -15,7 +15,6 @@ Usage: python bench/job_ab.py OLD_CHECKOUT NEW_CHECKOUT [--job pretrain:drc-r3 .
 
 import argparse
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -60,17 +59,17 @@ def run_job(tree: Path, python: Path, stage: str, args: list[str], outputs: list
         shutil.rmtree(path, ignore_errors=True)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}  # as the Makefile runs jobs
     env.update(HF_HUB_OFFLINE="1", NO_ALBUMENTATIONS_UPDATE="1")
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     with log.open("w") as out:
-        status = subprocess.run([str(python), "-m", "dinorankclip", stage, *args], cwd=tree, env=env,
-                                stdout=out, stderr=subprocess.STDOUT).returncode
+        job = subprocess.Popen([str(python), "-m", "dinorankclip", stage, *args], cwd=tree, env=env, stdout=out,
+                               stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(job.pid, 0)  # this job's own rusage (and its waited-for children's)
     wall = time.perf_counter() - start
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if status != 0:
-        sys.exit(f"error: {stage} {' '.join(args)} in {tree} exited {status}; its log: {log}")
-    return {"cpu_s": round(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, 3),
-            "wall_s": round(wall, 3), "max_rss_mb": round(after.ru_maxrss / 1024, 1)}
+    job.returncode = os.waitstatus_to_exitcode(status)
+    if job.returncode != 0:
+        sys.exit(f"error: {stage} {' '.join(args)} in {tree} exited {job.returncode}; its log: {log}")
+    return {"cpu_s": round(usage.ru_utime + usage.ru_stime, 3), "wall_s": round(wall, 3),
+            "max_rss_mb": round(usage.ru_maxrss / 1024, 1)}
 
 
 VERSIONS = "import platform, torch, open_clip, mlflow; print(platform.python_version(), 'torch', torch.__version__, " \

@@ -226,3 +226,49 @@ def test_python_m_ends_with_the_job_status_and_its_whole_output(tmp_path):
     done = subprocess.run([sys.executable, "-m", "dinorankclip", "--params", str(REPO / "params.yaml"), "report"],
                           capture_output=True, text=True, timeout=300, cwd=tmp_path, env=buffered)
     assert done.returncode == 1 and "Traceback (most recent call last)" in done.stderr
+
+
+FAKE_JOB = """#!/bin/bash
+# A checkout's python: `-c` prints versions; `-m dinorankclip STAGE --run RUN [--seed K]` is one job, which must find
+# its output gone (the bench removes it before each run), writes it, records itself and burns a little CPU.
+[ "$1" = "-c" ] && {{ echo "fake {side}"; exit 0; }}
+out="results/demo/$3/$5${{7:+/seed$7}}"
+[ -e "$out" ] && {{ echo "output left from the last run: $out"; exit 3; }}
+mkdir -p "$out" && echo "{side} $3 ${{*:4}}" >> {record}
+exec {python} -c "sum(range(2 * 10 ** 6))"
+"""
+
+
+def fake_checkout(root, side, seeded, record):
+    """A finished checkout as bench/job_ab.py reads it: .venv/bin/python (FAKE_JOB), results/demo with an MLflow
+    store and the job's output, in the (run, seed) layout or the older one."""
+    python = root / ".venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text(FAKE_JOB.format(side=side, record=record, python=sys.executable))
+    python.chmod(0o755)
+    done = root / "results" / "demo" / "pretrain" / "clip" / ("seed0" if seeded else "")
+    done.mkdir(parents=True)
+    (done / "model.safetensors").write_bytes(b"weights")
+    (root / "results" / "demo" / "mlflow.db").write_bytes(b"store")
+    return root
+
+
+def test_job_ab_runs_each_side_alternately_in_a_scratch_copy_with_its_own_arguments(tmp_path):
+    record = tmp_path / "record.txt"
+    old = fake_checkout(tmp_path / "old", "old", seeded=False, record=record)
+    new = fake_checkout(tmp_path / "new", "new", seeded=True, record=record)
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "job_ab.py"), str(old), str(new), "--job",
+                           "pretrain:clip", "--reps", "3", "--out", str(tmp_path / "ab.json")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert record.read_text().splitlines() == [  # A B B A A B; the older layout without --seed
+        "old pretrain --run clip", "new pretrain --run clip --seed 0", "new pretrain --run clip --seed 0",
+        "old pretrain --run clip", "old pretrain --run clip", "new pretrain --run clip --seed 0"]
+    report = json.loads((tmp_path / "ab.json").read_text())
+    assert report["versions"] == {"old": "fake old", "new": "fake new"} and report["reps"] == 3
+    job = report["jobs"]["pretrain:clip"]
+    assert all(job[side]["cpu_s"]["min"] > 0 for side in ("old", "new"))
+    assert job["ratio_cpu"] == round(job["new"]["cpu_s"]["mean"] / job["old"]["cpu_s"]["mean"], 3)
+    for root, part in ((old, ""), (new, "seed0")):  # the checkouts are untouched: the jobs ran in copies
+        assert (root / "results/demo/pretrain/clip" / part / "model.safetensors").read_bytes() == b"weights"
+        assert (root / "results/demo/mlflow.db").read_bytes() == b"store"
