@@ -65,7 +65,7 @@ def run_job(tree: Path, python: Path, stage: str, args: list[str], outputs: list
                                stderr=subprocess.STDOUT)
         _, status, usage = os.wait4(job.pid, 0)  # this job's own rusage (and its waited-for children's)
     wall = time.perf_counter() - start
-    job.returncode = os.waitstatus_to_exitcode(status)
+    job.returncode = os.waitstatus_to_exitcode(status)  # reaped by wait4: Popen must not wait for it again
     if job.returncode != 0:
         sys.exit(f"error: {stage} {' '.join(args)} in {tree} exited {job.returncode}; its log: {log}")
     return {"cpu_s": round(usage.ru_utime + usage.ru_stime, 3), "wall_s": round(wall, 3),
