@@ -133,10 +133,17 @@ def per_image_bytes(cfg: dict, teacher: Check, listed: Path | None, sample: int,
     sizes["teacher cache"] = disk.cache_bytes_per_image(cfg["teacher"], width, work)
     captions = cfg["captions"]
     if captions.get("source", "file") == "file" and captions["file"] and Path(captions["file"]).is_file():
-        sizes["caption shards"] = disk.caption_bytes_per_image(disk.mean_caption_chars(Path(captions["file"]), 1),
-                                                               work)
+        from dinorankclip.data.captions import read_caption_file
+
+        try:
+            written = read_caption_file(Path(captions["file"]))[1].values()  # the stage's reader: what it stores
+        except (ValueError, UnicodeDecodeError):  # the stage could not read it either: "second captions" fails
+            return sizes
     elif captions.get("source") == "coca" and listed is not None:
-        sizes["caption shards"] = disk.caption_bytes_per_image(disk.mean_caption_chars(listed, 0), work)
+        written = disk.listed_captions(listed)
+    else:
+        return sizes
+    sizes["caption shards"] = disk.caption_bytes_per_image(disk.mean_caption_chars(written), work)
     return sizes
 
 

@@ -19,6 +19,7 @@ import json
 import logging
 import shutil
 import tarfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -147,10 +148,14 @@ def _size(n: float) -> str:
     return f"{n / GB:,.1f} GB" if n >= GB / 10 else f"{n / 1e6:,.1f} MB"
 
 
-def mean_caption_chars(path: Path, column: int) -> float:
-    """Mean caption length of a TSV (header first) whose `column` (0 or 1) holds the caption: 1 in a second-caption
-    file ('url<TAB>caption'), 0 in the cleaned caption list ('caption<TAB>url')."""
-    lines = path.read_text(encoding="utf-8").splitlines()[1:]
-    captions = [line.split("\t", 1)[column] for line in lines if "\t" in line]
-    return sum(map(len, captions)) / max(len(captions), 1)
+def mean_caption_chars(captions: Iterable[str]) -> float:
+    """Mean length of `captions` (read with the reader of the file they come from)."""
+    lengths = [len(caption) for caption in captions]
+    return sum(lengths) / max(len(lengths), 1)
+
+
+def listed_captions(listed: Path) -> Iterator[str]:
+    """The captions of the cleaned caption list (csv-quoted where a caption needs it), as img2dataset reads them."""
+    with open(listed, newline="") as f:
+        yield from (row["caption"] for row in csv.DictReader(f, delimiter="\t"))
 
