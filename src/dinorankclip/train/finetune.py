@@ -50,7 +50,14 @@ from dinorankclip.data.loader import GlobalBatches, pair_loader
 from dinorankclip.io import write_json
 from dinorankclip.losses.distributed import all_gather_with_grad
 from dinorankclip.losses.kernel import KueaTerms, StudentKernel, fit_kernel_ratio, kuea_terms
-from dinorankclip.models.clip import CONFIG_FILE, arch_of, export_local_dir, injection_of, load_local_dir
+from dinorankclip.models.clip import (
+    CONFIG_FILE,
+    arch_of,
+    export_local_dir,
+    injection_of,
+    load_local_dir,
+    training_layout,
+)
 from dinorankclip.tracking import Tracker
 from dinorankclip.train import ddp
 from dinorankclip.train.flops import device_hours
@@ -96,6 +103,7 @@ def frozen_copy(module: nn.Module) -> nn.Module:
 def align_terms(visual: nn.Module, anchor: nn.Module, kernel: StudentKernel, images: torch.Tensor,
                 teacher_cls: torch.Tensor, finetune: dict) -> KueaTerms:
     """The KUEA loss of one (local) batch, with the kernel over the global batch under DDP."""
+    images = training_layout(images, visual)
     with autocast(images.device, "bf16"):
         z = visual(images)
         with torch.no_grad():

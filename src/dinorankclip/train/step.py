@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from dinorankclip.losses import clip_loss
+from dinorankclip.models.clip import training_layout
 from dinorankclip.train.caption_sampling import sample_captions
 from dinorankclip.train.student import Student, distill_loss, distill_weight
 
@@ -46,6 +47,7 @@ class TrainStep(nn.Module):
                 total_steps: int, captions: torch.Tensor | None = None) -> tuple[torch.Tensor | None, dict]:
         if self.p_synthetic and self.training:  # validation reads the raw captions (METHOD.md §6a)
             tokens = sample_captions(tokens, captions, self.p_synthetic, self.seed, step)
+        images = training_layout(images, self.student.model.visual)
         out = self.student(images, tokens, teacher, captions if self.reads_captions else None, step)
         # validation pairs of a study's own list carry no second captions or teacher features: the objective then
         # runs on what it can (its transition terms), but its value is not the run's objective and is not returned
