@@ -9,11 +9,13 @@ import math
 import os
 import shutil
 import sqlite3
+import statistics
 import subprocess
 import tarfile
 
 import pandas as pd
 import pytest
+import scipy.stats
 from helpers import REPO, repo_params, snapshot_repo
 
 pytestmark = pytest.mark.e2e
@@ -91,7 +93,11 @@ def test_table_numbers_are_the_seed_means_of_the_evaluation_jsons(demo):
         bench, label = column.split(" ", 1)
         key = {"top-1": "acc1", "T→I R@1": "image_retrieval_recall@1", "I→T R@1": "text_retrieval_recall@1"}[label]
         assert table.loc["clip", column] == pytest.approx(seed_mean(clone, "clip", bench, key), rel=1e-12), column
-        assert table.loc["clip", f"{column} ±95%"] > 0 and pd.isna(table.loc["cyclip", f"{column} ±95%"])
+        # the half-width of the t-interval over clip's seeds (0 where every seed scores the same, e.g. 100% colour)
+        values = [evaluations(clone, "clip", seed)[bench]["metrics"][key] for seed in seeds("clip")]
+        half = scipy.stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+        assert table.loc["clip", f"{column} ±95%"] == pytest.approx(half, rel=1e-9, abs=1e-15), column
+        assert pd.isna(table.loc["cyclip", f"{column} ±95%"])
     assert set(evaluations(clone)) == {c.split(" ")[0] for c in metrics}
     text = (clone / "results/demo/report/main.md").read_text()
     assert "demo-shape n = 400" in text and "3 seeds: clip, drc-r1, drc-r3, drc-r3-fusion-v1, distill-only" in text
