@@ -59,9 +59,14 @@ def seeds(run: str) -> list[int]:
     return run_seeds(repo_params(), "demo", run)
 
 
+def seed_values(clone, run: str, bench: str, key: str) -> list[float]:
+    """One metric of a run, per seed, from its evaluation JSONs."""
+    return [evaluations(clone, run, seed)[bench]["metrics"][key] for seed in seeds(run)]
+
+
 def seed_mean(clone, run: str, bench: str, key: str) -> float:
     """The mean over a run's seeds of one metric, as the report computes it (math.fsum / n)."""
-    values = [evaluations(clone, run, seed)[bench]["metrics"][key] for seed in seeds(run)]
+    values = seed_values(clone, run, bench, key)
     return math.fsum(values) / len(values)
 
 
@@ -94,7 +99,7 @@ def test_table_numbers_are_the_seed_means_of_the_evaluation_jsons(demo):
         key = {"top-1": "acc1", "T→I R@1": "image_retrieval_recall@1", "I→T R@1": "text_retrieval_recall@1"}[label]
         assert table.loc["clip", column] == pytest.approx(seed_mean(clone, "clip", bench, key), rel=1e-12), column
         # the half-width of the t-interval over clip's seeds (0 where every seed scores the same, e.g. 100% colour)
-        values = [evaluations(clone, "clip", seed)[bench]["metrics"][key] for seed in seeds("clip")]
+        values = seed_values(clone, "clip", bench, key)
         half = scipy.stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
         assert table.loc["clip", f"{column} ±95%"] == pytest.approx(half, rel=1e-9, abs=1e-15), column
         assert pd.isna(table.loc["cyclip", f"{column} ±95%"])
