@@ -255,3 +255,14 @@ def test_a_validation_list_validates_every_run_on_its_pairs_and_training_keeps_a
     assert len(metrics["val_loss"]) == 2 and all(v is None for v in metrics["val_objective"])
     assert metrics["best_epoch"] in (0, 1) and "transition/gamma_3" in metrics["strength"]
     assert "injection/angle_deg" in metrics["strength"]
+
+
+def test_every_logged_training_step_carries_the_strength_statistics(inputs, tmp_path):
+    """The loop computes the injection's and the transition heads' strength only on the steps it logs
+    (`dinorankclip.diagnostics`): each of those steps must still log them."""
+    recorder = Recorder()
+    metrics = train(run_cfg("drc-r3", log_every=4), inputs, tmp_path, "logged", recorder)
+    logged = sorted(step for step, values in recorder.metrics.items() if "lr" in values)
+    assert metrics["steps"] == 6 and logged == [4, 6]  # every 4th step and the last
+    for step in logged:
+        assert {"transition/strength_2", "transition/strength_3", "injection/angle_deg"} <= recorder.metrics[step].keys()

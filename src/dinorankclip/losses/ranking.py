@@ -14,7 +14,8 @@ Component logging: every loss has a ``*_terms`` companion (`rankclip_terms`, `Hi
 a `LossTerms` whose ``total`` is what the plain call returns and whose detached ``parts`` are "clip",
 "rank_cross", "rank_in" (the unweighted L_cross, L_in) and, for order ≥ 2, "gamma_r" for each transition gate and
 "transition_strength_r", std_j(γ_r·φ_r)/std_j(P_j) averaged over the window positions and rows of the four terms:
-how much order r moves the utilities against the spread of the first-order scores.
+how much order r moves the utilities against the spread of the first-order scores (on the steps that compute
+diagnostics: `dinorankclip.diagnostics`).
 """
 
 import hashlib
@@ -25,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dinorankclip import diagnostics
 from dinorankclip.losses.contrastive import (
     LossTerms,
     Scale,
@@ -320,13 +322,14 @@ class _TransitionContext:
     def __call__(self, order: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
         window = min(self.window, self.n)
         utility = pred.unsqueeze(1).expand(-1, window, -1).clone()
-        spread = pred.detach().std(dim=1, keepdim=True)
+        spread = pred.detach().std(dim=1, keepdim=True) if diagnostics.computed() else None
         for r, table, keys in zip(self.orders, self.tables, self.keys, strict=True):
             query = table[0][_predecessors(order, window, 1, self.n)]
             for lag in range(2, table.shape[0] + 1):
                 query = query * table[lag - 1][_predecessors(order, window, lag, self.n)]
             phi = _unit_heads(query, self.heads) @ keys.T
-            self.strength[r].append((phi.detach().std(dim=2) / spread).mean())
+            if spread is not None:
+                self.strength[r].append((phi.detach().std(dim=2) / spread).mean())
             utility += phi
         return utility
 
@@ -400,7 +403,8 @@ class HighOrderRankLoss(nn.Module):
         result = _rank_loss_terms(image, text, scale, rank_weight, self.lambda_cross, self.lambda_in, tie_seed, step,
                                   gather, make_context if self.transitions else None)
         gammas = {f"gamma_{t.order}": t.gamma.detach() for t in self.transitions}
-        strengths = {f"transition_strength_{r}": torch.stack(values).mean() for r, values in strength.items()}
+        strengths = {f"transition_strength_{r}": torch.stack(values).mean() for r, values in strength.items()
+                     if values}  # none when the step computes no diagnostics
         return LossTerms(result.total, {**result.parts, **gammas, **strengths})
 
     def forward(

@@ -42,6 +42,7 @@ from open_clip.modified_resnet import ModifiedResNet
 from open_clip.transformer import PatchDropout, VisionTransformer
 from torch import nn
 
+from dinorankclip import diagnostics
 from dinorankclip.losses.contrastive import full_precision
 from dinorankclip.models.fusion import MultiScaleFusion
 from dinorankclip.models.gate import ConflictAwareGate, GateOutput, SigmoidGate
@@ -89,7 +90,9 @@ def injection_strength(z_g: torch.Tensor, residual: torch.Tensor, gate: SigmoidG
     acos(cos) loses it to rounding —, `residual_ratio` ‖r′‖/‖z_g‖; with a gate also `gate_mean`, `alpha`,
     `conflict_share` (the share of samples whose residual had a component opposing z_g) and `conflict_removed` (the
     radial magnitude the conflict removal took away, relative to ‖z_g‖; 0 for the plain gate, which removes
-    nothing)."""
+    nothing). Empty when the running step computes no diagnostics (`dinorankclip.diagnostics`)."""
+    if not diagnostics.computed():
+        return {}
     z_g, residual = z_g.float(), residual.float()
     norm = z_g.norm(dim=-1)
     unit = z_g / norm.clamp_min(1e-12).unsqueeze(-1)

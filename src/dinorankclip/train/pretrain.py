@@ -29,6 +29,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
+from dinorankclip import diagnostics
 from dinorankclip.config import reads_captions
 from dinorankclip.data.loader import GlobalBatches, ShardPairs, pair_loader, split_indices
 from dinorankclip.io import fingerprint, read_json, write_json
@@ -66,6 +67,12 @@ def setup_torch(seed: int, threads: int, deterministic: bool) -> torch.device:
     torch.utils.deterministic.fill_uninitialized_memory = False
     torch.backends.cudnn.benchmark = not deterministic
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def logs_after(done: int, log_every: int, total_steps: int) -> bool:
+    """Whether the loop logs once `done` steps are done: every `log_every`-th step and the last. Steps that do not
+    log compute no diagnostics (`dinorankclip.diagnostics`): nothing reads them."""
+    return done % log_every == 0 or done == total_steps
 
 
 def build_student(cfg: dict, stage_dirs: dict[str, Path], device: torch.device):
@@ -271,7 +278,8 @@ def pretrain(cfg: dict, data_dir: Path, stage_dirs: dict[str, Path], out: Path |
                 lr = set_lr(step)
                 images, tokens, teacher, captions = batch_to(batch, world.device)
                 with FlopCounterMode(display=False) if not progress.flops_per_step else nullcontext() as counter:
-                    with autocast(world.device, opt["precision"]):
+                    with autocast(world.device, opt["precision"]), \
+                            diagnostics.computing(logs_after(step + 1, opt["log_every"], total_steps)):
                         loss, terms = trained(images, tokens, teacher, step, total_steps, captions)
                     grad_norm = update(step_module, loss, optimizer, model, opt["grad_clip"])
                 if counter is not None:
@@ -281,7 +289,7 @@ def pretrain(cfg: dict, data_dir: Path, stage_dirs: dict[str, Path], out: Path |
                 progress.step += 1
                 window.add(t_step - t_data)
                 bar.update()
-                log_step = progress.step % opt["log_every"] == 0 or progress.step == total_steps
+                log_step = logs_after(progress.step, opt["log_every"], total_steps)
                 save_step = opt["checkpoint_every"] and progress.step % opt["checkpoint_every"] == 0
                 # check points, the only steps that wait for the device: finiteness, losses, signals, logs, saves
                 if log_step or save_step or progress.step % steps_per_epoch == 0:

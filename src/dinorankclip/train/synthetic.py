@@ -20,6 +20,7 @@ import open_clip
 import torch
 from safetensors.torch import save_file
 
+from dinorankclip import diagnostics
 from dinorankclip.config import reads_captions, teacher_stages
 from dinorankclip.io import write_json
 from dinorankclip.models.teacher import WEIGHTS_FILE, create_teacher
@@ -82,12 +83,12 @@ def synthetic_step(cfg: dict, batch: int, device: torch.device, precision: str, 
                    gather: bool = False, compile_backend: str = "inductor") -> SyntheticStep:
     """The run's training step on a fixed synthetic batch of `batch` pairs, built as `pretrain` builds it
     (`build_student` after `setup_torch`, `build_objective`, `TrainStep`, AdamW over `param_groups`, `update`, the
-    loop's `StepLedger`); `total_steps` sets where the schedules are; `gather`: the losses gather candidates across
-    ranks."""
+    loop's `StepLedger`, diagnostics on the steps the loop logs); `total_steps` sets where the schedules are;
+    `gather`: the losses gather candidates across ranks."""
     from dinorankclip.train.ledger import StepLedger
     from dinorankclip.train.objective import build_objective
     from dinorankclip.train.optim import make_optimizer, param_groups
-    from dinorankclip.train.pretrain import build_student, setup_torch
+    from dinorankclip.train.pretrain import build_student, logs_after, setup_torch
     from dinorankclip.train.step import TrainStep, autocast, update
 
     opt = cfg["pretrain"]
@@ -108,7 +109,7 @@ def synthetic_step(cfg: dict, batch: int, device: torch.device, precision: str, 
 
     def run() -> None:
         step = next(steps)
-        with autocast(device, precision):
+        with autocast(device, precision), diagnostics.computing(logs_after(step + 1, opt["log_every"], total_steps)):
             loss, _ = module(images, tokens, teacher, step, total_steps, captions)
         ledger.record(step, loss.detach(), update(module, loss, optimizer, student.model, opt["grad_clip"]))
 
