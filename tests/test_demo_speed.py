@@ -1,11 +1,13 @@
 """The demo's per-job costs: the in-memory training pairs (bit for bit the streamed ones and open_clip's transform
-of each PIL image), the size budget that keeps the paper path streaming, the start-up line every job logs, and
-bench/demo_cost.py's table from Snakemake benchmark files."""
+of each PIL image), saved once per study and loaded by the next job of the same inputs only, the size budget that
+keeps the paper path streaming, the start-up line every job logs, and bench/demo_cost.py's table from Snakemake
+benchmark files."""
 
 import gc
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 
@@ -18,7 +20,7 @@ from safetensors.torch import load_file
 from dinorankclip import cli
 from dinorankclip.config import resolve
 from dinorankclip.data.captions import build_captions
-from dinorankclip.data.loader import ShardPairs
+from dinorankclip.data.loader import ShardPairs, pair_cache_key, split_transform
 from dinorankclip.models.clip import create_clip
 from dinorankclip.tracking import NullTracker
 from dinorankclip.train import pretrain
@@ -49,10 +51,10 @@ def towers():
     return transform, open_clip.get_tokenizer("demo-rn-tiny")
 
 
-def pairs(inputs, towers, cache_mb, teacher=True, captions=True):
+def pairs(inputs, towers, cache_mb, teacher=True, captions=True, saved_in=None):
     root, _, features, second = inputs
     return ShardPairs(root / "data" / "shards.json", *towers, features if teacher else None,
-                      second if captions else None, cache_mb)
+                      second if captions else None, cache_mb, saved_in)
 
 
 def test_a_cached_batch_is_the_transform_of_each_pil_image_bit_for_bit(inputs, towers):
@@ -85,6 +87,45 @@ def test_every_batch_of_an_epoch_equals_the_streamed_one(inputs, towers, teacher
             assert (x is None and y is None) or (x.dtype == y.dtype and torch.equal(x, y))
 
 
+def test_a_saved_cache_is_loaded_by_the_next_job_of_the_same_inputs_and_equals_the_shards_reading(inputs, towers,
+                                                                                                   tmp_path, caplog):
+    read = pairs(inputs, towers, 64).cache
+    with caplog.at_level(logging.INFO, logger="dinorankclip.data.loader"):
+        first = pairs(inputs, towers, 64, saved_in=tmp_path).cache
+        assert "read in" in caplog.text and "loaded in" not in caplog.text
+        caplog.clear()
+        loaded = pairs(inputs, towers, 64, saved_in=tmp_path).cache
+        assert "loaded in" in caplog.text and "read in" not in caplog.text
+    assert [p.suffix for p in tmp_path.iterdir()] == [".pt"]  # one file, no temporary left
+    for cache in (first, loaded):
+        assert cache.keys == read.keys and cache.normalize is read.normalize
+        for x, y in zip(read[:2] + read[3:5], cache[:2] + cache[3:5], strict=True):  # pixels, tokens, teacher, captions
+            assert x.dtype == y.dtype and torch.equal(x, y)
+    # other inputs (no teacher maps, no second captions) are another file; a smaller budget streams, as before
+    plain = pairs(inputs, towers, 64, teacher=False, captions=False, saved_in=tmp_path).cache
+    assert plain.teacher is None and plain.captions is None and len(list(tmp_path.iterdir())) == 2
+    assert pairs(inputs, towers, 0.001, saved_in=tmp_path).cache is None
+
+
+def test_the_saved_cache_key_changes_with_any_shard_byte_and_with_the_transform(inputs, towers, tmp_path):
+    root = inputs[0]
+    copy = tmp_path / "copy"
+    for part in ("data", "teacher", "captions"):
+        shutil.copytree(root / part, copy / part)
+    copied = (copy, inputs[1], copy / "teacher" / inputs[2].name, copy / "captions" / inputs[3].name)
+    transform = towers[0]
+    key = pair_cache_key(pairs(copied, towers, 0), split_transform(transform)[0])
+    assert key == pair_cache_key(pairs(inputs, towers, 0), split_transform(transform)[0])  # bytes, not paths
+    # the last byte of a tar's zero padding: no sample changes, the key does
+    shard = copy / "teacher" / "features" / "00001.tar"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 1
+    shard.write_bytes(bytes(data))
+    assert pair_cache_key(pairs(copied, towers, 0), split_transform(transform)[0]) != key
+    smaller = type(transform)([open_clip.transform.ResizeKeepRatio(16), *transform.transforms[1:]])
+    assert pair_cache_key(pairs(inputs, towers, 0), split_transform(smaller)[0]) != key
+
+
 def test_pairs_over_the_budget_stream(inputs, towers, caplog):
     # per sample: 32x32x3 uint8 pixels, two rows of 24 int64 token ids, 3x8x2x2 fp16 teacher maps
     need_mb = sum(COUNTS) * (32 * 32 * 3 + 2 * 24 * 8 + 3 * 8 * 2 * 2 * 2) / 2**20
@@ -106,17 +147,21 @@ def test_a_transform_that_cannot_be_cached_exactly_names_the_key(inputs, towers)
 def test_pretraining_on_cached_pairs_ends_on_the_same_weights(inputs, tmp_path):
     root = inputs[0]
     weights = {}
-    for mb in (0, 64):
+    # streamed; held in memory; held in memory and saved; loaded from what the previous job saved
+    for name, mb, saved_in in (("streamed", 0, None), ("memory", 64, None), ("saved", 64, tmp_path / "samples"),
+                               ("loaded", 64, tmp_path / "samples")):
         cfg = resolve(repo_params(), "demo", "drc-r3")
         cfg["pretrain"].update(epochs=1, batch_size=4, val_samples=4, checkpoint_every=0, log_every=1, threads=1,
                                warmup_steps=1, sample_cache_mb=mb)
-        out = tmp_path / f"cache{mb}"
+        out = tmp_path / name
         out.mkdir()
         pretrain.pretrain(cfg, root / "data", {"teacher": root / "teacher", "captions": root / "captions"}, out,
-                          NullTracker(), tmp_path / "state" / f"cache{mb}")
-        weights[mb] = load_file(out / "model" / "open_clip_model.safetensors")
-    assert weights[0].keys() == weights[64].keys()
-    assert all(torch.equal(weights[0][k], weights[64][k]) for k in weights[0])
+                          NullTracker(), tmp_path / "state" / name, saved_in)
+        weights[name] = load_file(out / "model" / "open_clip_model.safetensors")
+    assert len(list((tmp_path / "samples").iterdir())) == 1
+    for name in ("memory", "saved", "loaded"):
+        assert weights[name].keys() == weights["streamed"].keys()
+        assert all(torch.equal(weights["streamed"][k], weights[name][k]) for k in weights[name])
 
 
 def test_the_start_up_line_states_the_seconds_since_the_process_started():

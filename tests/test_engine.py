@@ -264,5 +264,5 @@ def test_every_logged_training_step_carries_the_strength_statistics(inputs, tmp_
     metrics = train(run_cfg("drc-r3", log_every=4), inputs, tmp_path, "logged", recorder)
     logged = sorted(step for step, values in recorder.metrics.items() if "lr" in values)
     assert metrics["steps"] == 6 and logged == [4, 6]  # every 4th step and the last
-    for step in logged:
-        assert {"transition/strength_2", "transition/strength_3", "injection/angle_deg"} <= recorder.metrics[step].keys()
+    strength = {"transition/strength_2", "transition/strength_3", "injection/angle_deg"}
+    assert all(strength <= recorder.metrics[step].keys() for step in logged)

@@ -163,13 +163,13 @@ def cmd_pretrain(cfg: dict, args, tracker) -> None:
     log_startup()
     study, job = cfg["study"], (cfg["run"], cfg["seed"])
     inputs = (stage_dir(study, "data"), {name: stage_dir(study, name) for name in READ_BY_PRETRAIN})
-    state = state_dir(study, "pretrain", *job)
+    state, samples = state_dir(study, "pretrain", *job), state_dir(study, "samples")
     if tracker.run_id is None:
-        pretrain(cfg, *inputs, None, tracker, state)
+        pretrain(cfg, *inputs, None, tracker, state, samples)
         return
     with atomic_dir(stage_dir(study, "pretrain", *job)) as out:
         write_config(cfg, out)
-        metrics = pretrain(cfg, *inputs, out, tracker, state)
+        metrics = pretrain(cfg, *inputs, out, tracker, state, samples)
     tracker.log_artifact(stage_dir(study, "pretrain", *job) / "metrics.json")
     record_timings(cfg, "pretrain", {key: metrics[key] for key in TIMING_KEYS}, tracker)
     tracker.drain()  # every metric in the store before the checkpoints go: a store that is away fails the job here

@@ -185,10 +185,11 @@ class Progress:
 
 
 def pretrain(cfg: dict, data_dir: Path, stage_dirs: dict[str, Path], out: Path | None, tracker,
-             state: Path) -> dict | None:
+             state: Path, sample_cache: Path | None = None) -> dict | None:
     """Train the run described by `cfg` on the shards in `data_dir` (with the outputs of the other stages it
     reads in `stage_dirs`: teacher, teacher_weights, captions), checkpointing into `state`; rank 0 exports the
-    model into `out`."""
+    model into `out`. `sample_cache`: a folder the in-memory samples are saved in and loaded from by every job of
+    the same inputs (`dinorankclip.data.loader.PairCache`)."""
     opt = cfg["pretrain"]
     world = ddp.init_world()
     setup_torch(cfg["seed"], opt["threads"], opt["deterministic"])
@@ -204,7 +205,7 @@ def pretrain(cfg: dict, data_dir: Path, stage_dirs: dict[str, Path], out: Path |
 
     tokenizer = open_clip.get_tokenizer(cfg["model"]["arch"])
     dataset = ShardPairs(data_dir / "shards.json", transform, tokenizer, features, captions_index(cfg, stage_dirs),
-                         opt["sample_cache_mb"])
+                         opt["sample_cache_mb"], sample_cache)
     val_dataset, train_idx, val_idx = validation_split(dataset, data_dir, transform, tokenizer, opt,
                                                        cfg["study_seed"])
     batches = GlobalBatches(train_idx, opt["batch_size"], cfg["seed"], world.rank, world.size)
