@@ -53,3 +53,17 @@ def test_the_loop_computes_diagnostics_on_every_logged_step_and_the_last():
             assert diagnostics.computed()
         assert not diagnostics.computed()
     assert diagnostics.computed()
+
+
+def test_the_injected_towers_forward_gives_z_without_computing_diagnostics(tmp_path):
+    """Evaluation and KUEA fine-tuning call the tower itself and read only z."""
+    cfg = resolve(repo_params(), "demo", "drc-r3")
+    visual = synthetic_step(cfg, 8, torch.device("cpu"), "fp32", 1, total_steps=100).student.model.visual
+    seen = []
+    visual.fusion.register_forward_hook(lambda *_: seen.append(diagnostics.computed()))
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        z = visual(x)
+        features = visual.features(x)
+    assert seen == [False, True]
+    assert torch.equal(z, features.z) and "angle_deg" in features.strength

@@ -224,10 +224,12 @@ class InjectedImageEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The injected embedding z (not normalised), as an open_clip tower returns its embedding; a variant that
-        injects nothing (V1, distill-only) is the tower alone at inference."""
+        injects nothing (V1, distill-only) is the tower alone at inference. Computes no strength statistics: only
+        z leaves (evaluation, KUEA fine-tuning)."""
         if self.fusion is None:
             return self.tower(x)
-        return self.features(x).z
+        with diagnostics.computing(False):
+            return self.features(x).z
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.tower.set_grad_checkpointing(enable)
