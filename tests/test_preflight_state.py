@@ -30,7 +30,7 @@ class Tracker:
 
 def trains(fail: bool = False):
     """The training loop as the job sees it: checkpoints in state/, the exports and metrics in the output."""
-    def run(cfg, data_dir, stage_dirs, out, tracker, state):
+    def run(cfg, data_dir, stage_dirs, out, tracker, state, sample_cache=None):
         state.mkdir(parents=True, exist_ok=True)
         (state / "latest.pt").write_bytes(b"\0" * 4096)
         (state / "best.pt").write_bytes(b"\0" * 1024)
