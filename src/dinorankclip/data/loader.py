@@ -131,10 +131,10 @@ def check_side_count(side: wids.ShardListDataset, shards: wids.ShardListDataset,
 class ShardPairs(Dataset):
     """`Batch`es from the samples of a wids shard index, with the cached teacher features and the second captions
     when their indexes are given; served from memory (`PairCache`) when all samples fit in `cache_mb` MB, read
-    from `cache_dir` when a job of the same inputs saved them there."""
+    from `saved_in` when a job of the same inputs saved them there."""
 
     def __init__(self, index: Path, transform: Callable, tokenizer: Callable, features: Path | None = None,
-                 captions: Path | None = None, cache_mb: float = 0, cache_dir: Path | None = None):
+                 captions: Path | None = None, cache_mb: float = 0, saved_in: Path | None = None):
         self.shards = open_shards(index)
         self.features = open_shards(features) if features is not None else None
         self.captions = open_shards(captions) if captions is not None else None
@@ -142,7 +142,7 @@ class ShardPairs(Dataset):
             if side is not None:
                 check_side_count(side, self.shards, side_index, index, stage)
         self.transform, self.tokenizer = transform, tokenizer
-        self.cache = PairCache.of(self, cache_mb, cache_dir) if cache_mb > 0 else None
+        self.cache = PairCache.of(self, cache_mb, saved_in) if cache_mb > 0 else None
 
     def __len__(self) -> int:
         return len(self.shards)
