@@ -8,6 +8,11 @@ Snakemake samples `cpu_time` every 30 s once a job is 15 s old, so it can miss u
 therefore the logged total where there is one, else `cpu_time`; `--compare` uses `cpu_time` for a stage unless both
 sides logged every job of it, so two commits are compared by the same measure.
 
+Under `make demo`'s fork server (src/dinorankclip/forkserver.py) a job's processes are a waiting process (all that
+`cpu_time` sees) and a fork of the server (all that its logged total counts), and the libraries were loaded once, by
+the server (`<results>/logs/forkserver.log`). A forked job's CPU is its logged total plus an equal share of that
+loading; a stage with forked jobs on either side is compared by each side's own measure ("mixed").
+
 Usage: python bench/demo_cost.py [RESULTS_DIR (default results/demo)] [--compare OTHER_RESULTS_DIR]
        [--out bench/results/demo_cost.json]
 Prints the per-stage table (and the ratios this / other with --compare) and writes the JSON report to --out.
@@ -21,6 +26,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from dinorankclip.cli import FINISHED, STARTUP
+from dinorankclip.forkserver import FORKED, SERVED
 from dinorankclip.io import write_json
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "demo_cost.json"
@@ -34,10 +40,13 @@ class Job(NamedTuple):
     max_rss: float | None
     startup_cpu: float | None  # from the job's log, summed over its processes (ranks; not a torchrun launcher)
     logged_cpu: float | None
+    server_share: float | None = None  # a forked job's share of the fork server's loading (None: not forked)
 
     @property
     def cpu(self) -> float | None:
-        return self.logged_cpu if self.logged_cpu is not None else self.cpu_benchmark
+        if self.logged_cpu is None:
+            return self.cpu_benchmark
+        return self.logged_cpu + (self.server_share or 0.0)
 
 
 def number(text: str) -> float | None:
@@ -52,9 +61,18 @@ def logged(log: Path, pattern) -> float | None:
     return sum(found) if found else None
 
 
+def server_share(results: Path) -> float:
+    """CPU-s the fork server spent loading libraries per job it ran, over every workflow run it recorded (0: none)."""
+    log = results / "logs" / "forkserver.log"
+    runs = [(float(m["cpu"]), int(m["jobs"])) for m in SERVED.finditer(log.read_text())] if log.is_file() else []
+    jobs = sum(n for _, n in runs)
+    return sum(cpu for cpu, _ in runs) / jobs if jobs else 0.0
+
+
 def read_jobs(results: Path) -> list[Job]:
     """One Job per benchmark file under `results`/benchmarks (a file of repeats: their means): a study-wide job's
     `<stage>/<stage>.tsv`, a (run, seed)'s `<stage>/<run>/seed<k>.tsv`."""
+    share = server_share(results)
     root = results / "benchmarks"
     files = sorted(root.glob("*/**/*.tsv"))
     if not files:
@@ -75,8 +93,10 @@ def read_jobs(results: Path) -> list[Job]:
 
         stage, *job = file.relative_to(root).with_suffix("").parts
         log = results / "logs" / stage / f"{'/'.join(job)}.log"
-        jobs.append(Job(stage, "/".join(job), mean("s"), mean("cpu_time"), mean("max_rss"),
-                        logged(log, STARTUP), logged(log, FINISHED)))
+        forked = log.is_file() and FORKED.search(log.read_text(errors="replace")) is not None
+        jobs.append(Job(stage, "/".join(job), mean("s"), None if forked else mean("cpu_time"),
+                        None if forked else mean("max_rss"), logged(log, STARTUP), logged(log, FINISHED),
+                        share if forked else None))
     return jobs
 
 
@@ -92,7 +112,7 @@ def summary(jobs: list[Job]) -> dict:
     rss = [j.max_rss for j in jobs if j.max_rss is not None]
     sources = {"log" if j.logged_cpu is not None else "benchmark" for j in jobs if j.cpu is not None}
     return {"jobs": len(jobs), "cpu_s": spread(cpu), "wall_s": spread([j.wall for j in jobs]),
-            "cpu_source": sorted(sources),
+            "cpu_source": sorted(sources), "forked": sum(j.server_share is not None for j in jobs),
             "benchmark_cpu_s": spread([j.cpu_benchmark for j in jobs if j.cpu_benchmark is not None]),
             "startup_cpu_s": spread([j.startup_cpu for j in split]),
             "work_cpu_s": spread([j.logged_cpu - j.startup_cpu for j in split]),
@@ -103,7 +123,7 @@ def report(results: Path) -> dict:
     jobs = read_jobs(results)
     stages = sorted({j.stage for j in jobs})
     return {"results": str(results), "stages": {s: summary([j for j in jobs if j.stage == s]) for s in stages},
-            "all": summary(jobs)}
+            "all": summary(jobs), "server_share_cpu_s": server_share(results)}
 
 
 def ratios(this: dict, other: dict) -> dict:
@@ -113,9 +133,10 @@ def ratios(this: dict, other: dict) -> dict:
         a = this["all"] if stage == "all" else this["stages"][stage]
         b = other["all"] if stage == "all" else other["stages"][stage]
         both_logged = a["cpu_source"] == b["cpu_source"] == ["log"]
-        key = "cpu_s" if both_logged else "benchmark_cpu_s"
+        measure = "log" if both_logged else "mixed" if a["forked"] or b["forked"] else "benchmark"
+        key = "benchmark_cpu_s" if measure == "benchmark" else "cpu_s"
         cpu = a[key]["mean"] / b[key]["mean"] if a[key] and b[key] else None
-        out[stage] = {"cpu_per_job": cpu, "cpu_measure": "log" if both_logged else "benchmark",
+        out[stage] = {"cpu_per_job": cpu, "cpu_measure": measure,
                       "wall_per_job": a["wall_s"]["mean"] / b["wall_s"]["mean"]}
     return out
 
@@ -163,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"{args.results}: CPU-s and wall-s per job (start-up / work: jobs that log them)")
     print(table(rep))
+    if rep["all"]["forked"]:
+        print(f"{rep['all']['forked']} jobs ran as forks of the fork server: each carries "
+              f"{rep['server_share_cpu_s']:.2f} CPU-s of its loading, besides its own CPU-s")
     if args.compare:
         print(f"\nthis / {args.compare}:")
         print(ratio_table(rep["compare"]["ratios"]))

@@ -1,7 +1,8 @@
 """`make demo` on a fresh clone, end to end with the real tools, and every promise the README makes about it.
 
-Runs in file order: the first test builds the demo, the last one rebuilds two runs of it from scratch (world,
-download, training, evaluation) to check that their evaluation JSONs are byte-identical.
+Runs in file order: the first test builds the demo (`make demo`: its jobs are forks of the fork server), the last one
+rebuilds two runs of it from scratch with plain Snakemake (world, download, training, evaluation, each job a process
+of its own) to check that their evaluation JSONs are byte-identical.
 """
 
 import json

@@ -236,6 +236,26 @@ def test_stages_that_log_on_both_sides_are_compared_by_the_logged_cpu(tmp_path):
                           "all                0.50      log            0.56"]
 
 
+def test_forked_jobs_carry_their_share_of_the_fork_servers_loading(tmp_path):
+    from dinorankclip.forkserver import FORKED_LINE, SERVED_LINE
+
+    this = study_results(tmp_path / "this", {"pretrain/clip": [(50, 1, 0.2)], "pretrain/drc-r3": [(70, 1, 0.3)]},
+                         {"pretrain/clip": (1.0, 30.0), "pretrain/drc-r3": (1.0, 50.0)})
+    for job in ("clip", "drc-r3"):  # forked: Snakemake's cpu_time saw only the waiting process
+        log = this / "logs" / "pretrain" / f"{job}.log"
+        log.write_text(FORKED_LINE + "\n" + log.read_text())
+    # two workflow runs: 12 CPU-s of loading over 4 forked jobs (two of them in a run whose jobs are gone)
+    (this / "logs" / "forkserver.log").write_text(SERVED_LINE.format(loaded=7.0, served=3, cpu=90.0, refused=1) +
+                                                  SERVED_LINE.format(loaded=5.0, served=1, cpu=9.0, refused=0))
+    other = study_results(tmp_path / "other", {"pretrain/clip": [(90, 1, 60)], "pretrain/drc-r3": [(110, 1, 100)]}, {})
+    out = demo_cost(this, "--compare", other, "--out", tmp_path / "cost.json").splitlines()
+    assert out[2] == "pretrain     2       43.0  33.0  53.0       86.0        60.0       1.0  39.0       -"
+    assert out[4] == "2 jobs ran as forks of the fork server: each carries 3.00 CPU-s of its loading, besides its own " \
+                     "CPU-s"
+    assert out[-4:-2] == ["pretrain           0.54    mixed            0.60",
+                          "all                0.54    mixed            0.60"]
+
+
 def test_a_folder_without_benchmarks_is_one_error(tmp_path):
     done = subprocess.run([sys.executable, str(REPO / "bench" / "demo_cost.py"), str(tmp_path)],
                           capture_output=True, text=True, timeout=120)
