@@ -37,11 +37,12 @@ dvc.yaml: params.yaml $(VENV)/.installed
 # commit hashes every stage (about a minute for the demo), so it runs only when a file under results/$(STUDY) is
 # newer than the last one: a second `make demo` that runs no job records nothing.
 # Snakemake runs beside a fork server (src/dinorankclip/forkserver.py): torch, open_clip and MLflow are imported once,
-# not once per job (5-7 CPU-s each on a 2-core machine); its cost goes to results/$(STUDY)/logs/forkserver.log.
+# not once per job (5-7 CPU-s each on a 2-core machine); its cost goes to results/$(STUDY)/logs/forkserver.log. It
+# imports the package from src/, as the jobs do (workflow/rules/common.smk).
 COMMITTED := .dvc/tmp/committed-$(STUDY)
 demo: install dvc.yaml
-	python -m dinorankclip.forkserver run --log results/$(STUDY)/logs/forkserver.log -- \
-		snakemake all --config study=$(STUDY)
+	PYTHONPATH=src$${PYTHONPATH:+:$$PYTHONPATH} python -m dinorankclip.forkserver run \
+		--log results/$(STUDY)/logs/forkserver.log -- snakemake all --config study=$(STUDY)
 	@if [ -e $(COMMITTED) ] && [ -z "$$(find results/$(STUDY) -newer $(COMMITTED) -print -quit)" ]; then \
 		echo "dvc.lock: current (no job ran since the last dvc commit)"; \
 	else \
