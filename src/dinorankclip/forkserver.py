@@ -41,12 +41,14 @@ IMPORT_TIME_ENV = ("OMP_NUM_THREADS", "GOTO_NUM_THREADS", "OPENBLAS_NUM_THREADS"
                    "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS", "PYTHONHASHSEED")
 SERVER_THREADS = "1"
 
-# What the stages import: the CLI, every stage's module (torch, torchvision, timm, open_clip, webdataset, MLflow,
-# scikit-learn, matplotlib come with them).
+# What the stages import: the CLI, every stage's module (torch, torchvision, timm, open_clip, webdataset,
+# scikit-learn, matplotlib come with them), and MLflow with the SQL store every job opens (SQLAlchemy, alembic), which
+# the job imports only when it starts its run.
 PRELOAD = ("dinorankclip.cli", "dinorankclip.tracking", "dinorankclip.data.source", "dinorankclip.data.download",
            "dinorankclip.models.teacher", "dinorankclip.data.features", "dinorankclip.data.captions",
            "dinorankclip.train.pretrain", "dinorankclip.train.finetune", "dinorankclip.eval.suites",
-           "dinorankclip.report.build", "dinorankclip.report.measured")
+           "dinorankclip.report.build", "dinorankclip.report.measured",
+           "mlflow", "mlflow.store.tracking.sqlalchemy_store", "mlflow.store.db.utils")
 
 JOB = "dinorankclip.cli:main"  # what a fork runs, given the job's arguments without the program name
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
