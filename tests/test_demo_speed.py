@@ -250,8 +250,8 @@ def test_forked_jobs_carry_their_share_of_the_fork_servers_loading(tmp_path):
     other = study_results(tmp_path / "other", {"pretrain/clip": [(90, 1, 60)], "pretrain/drc-r3": [(110, 1, 100)]}, {})
     out = demo_cost(this, "--compare", other, "--out", tmp_path / "cost.json").splitlines()
     assert out[2] == "pretrain     2       43.0  33.0  53.0       86.0        60.0       1.0  39.0       -"
-    assert out[4] == "2 jobs ran as forks of the fork server: each carries 3.00 CPU-s of its loading, besides its own " \
-                     "CPU-s"
+    assert out[4] == ("2 jobs ran as forks of the fork server: each carries 3.00 CPU-s of its loading, besides its "
+                      "own CPU-s")
     assert out[-4:-2] == ["pretrain           0.54    mixed            0.60",
                           "all                0.54    mixed            0.60"]
 

@@ -254,3 +254,31 @@ def test_tie_permutation_drawn_on_the_gpu_is_a_permutation_fixed_by_seed_and_ste
     assert not torch.equal(perm, tie_permutation(1024, 3, 8, device))
     masks = token_masks(8, 196, (0.1, 0.5), 3, 7, device)
     assert masks.device.type == "cuda" and torch.equal(masks, token_masks(8, 196, (0.1, 0.5), 3, 7, device))
+
+
+@pytest.mark.parametrize("poison", [None, float("nan")])
+def test_the_gradient_norm_without_a_clip_is_clip_grad_norm_inf_without_its_pass_over_the_gradients(poison):
+    """`gradient_norm(params, None)`: the same norm as `clip_grad_norm_(params, inf)`, and the finite gradients it
+    leaves are bit-identical to those that clipping by inf multiplies by 1.0 (a non-finite norm is rolled back)."""
+    from dinorankclip.train.step import gradient_norm
+
+    def grads():
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3, bias=False))
+        net[0].bias.requires_grad_(False)  # a parameter without a gradient
+        net(torch.randn(11, 7)).square().sum().backward()
+        if poison is not None:
+            net[2].weight.grad[0, 0] = poison
+        return list(net.parameters())
+
+    read, clipped = grads(), grads()
+    norm = gradient_norm(read, None)
+    reference = torch.nn.utils.clip_grad_norm_(clipped, float("inf"))
+    assert torch.equal(norm, reference) or (norm.isnan() and reference.isnan())
+    if poison is None:
+        assert norm > 0.5
+        for a, b in zip(read, clipped, strict=True):
+            assert (a.grad is None and b.grad is None) or torch.equal(a.grad, b.grad)
+        clip = grads()  # with a clip: clip_grad_norm_ itself
+        assert torch.equal(gradient_norm(clip, 0.5), norm)
+        assert torch.nn.utils.get_total_norm([p.grad for p in clip if p.grad is not None]) <= 0.5 + 1e-6

@@ -63,7 +63,7 @@ from dinorankclip.train import ddp
 from dinorankclip.train.flops import device_hours
 from dinorankclip.train.optim import make_optimizer, make_schedule, param_groups
 from dinorankclip.train.pretrain import setup_torch
-from dinorankclip.train.step import autocast
+from dinorankclip.train.step import autocast, gradient_norm
 
 log = logging.getLogger(__name__)
 # what finetune returns beside metrics.json: measured, so kept out of the DVC-tracked output (dinorankclip.timings)
@@ -237,7 +237,7 @@ def finetune(cfg: dict, dirs: dict[str, Path], out: Path | None, tracker: Tracke
             terms.total.backward()
         if counter is not None:  # forward and backward of one step on every rank, the anchor's forward included
             flops_per_step = counter.get_total_flops() * world.size
-        grad_norm = torch.nn.utils.clip_grad_norm_(visual.parameters(), float("inf"))
+        grad_norm = gradient_norm(list(visual.parameters()), None)
         optimizer.step()
         step_losses.append(terms.total.item())
         t_end = time.perf_counter()

@@ -89,6 +89,14 @@ def autocast(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
+def gradient_norm(parameters, clip: float | None) -> torch.Tensor:
+    """The gradients' total 2-norm, clipping them to `clip` when given. Without a clip the norm is only read:
+    `clip_grad_norm_(inf)` would also multiply every gradient by 1.0, a pass over all of them that changes no bit."""
+    if clip:
+        return torch.nn.utils.clip_grad_norm_(parameters, clip)
+    return torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
+
+
 def update(step_module: nn.Module, loss: torch.Tensor, optimizer: torch.optim.Optimizer,
            model: nn.Module, grad_clip: float | None) -> torch.Tensor:
     """Backward, optional clipping, AdamW step, and the logit-scale clamp of the CLIP recipe; returns the grad norm.
@@ -99,7 +107,7 @@ def update(step_module: nn.Module, loss: torch.Tensor, optimizer: torch.optim.Op
     """
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(step_module.parameters(), grad_clip or float("inf"))
+    grad_norm = gradient_norm(list(step_module.parameters()), grad_clip)
     optimizer.step()
     with torch.no_grad():
         model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
