@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from helpers import REPO
 
-from dinorankclip.forkserver import ENV, IMPORT_TIME_ENV, identity, refusal
+from dinorankclip.forkserver import ENV, FORKED_LINE, IMPORT_TIME_ENV, identity, refusal
 
 TESTS = Path(__file__).resolve().parent
 ONE_THREAD = {key: "1" for key in IMPORT_TIME_ENV if key != "PYTHONHASHSEED"}
@@ -64,7 +64,7 @@ def test_a_forked_job_gets_the_callers_arguments_directory_environment_streams_a
     assert proc.returncode == 7
     seen = json.loads(out)
     assert seen == {"argv": ["echo", "7"], "cwd": str(work), "colour": "teal", "executable_argv": ["prog", "echo", "7"]}
-    assert err == "to stderr\n"
+    assert err == FORKED_LINE + "\nto stderr\n"  # the job's log says it was forked (bench/demo_cost.py reads it)
     # a second job is a fresh fork: nothing of the first one's environment
     proc = caller(server, "echo", "0", cwd=tmp_path)
     out, _ = proc.communicate(timeout=60)
