@@ -166,9 +166,8 @@ def become_job(job, request: dict, fds: list[int], conn: socket.socket, inherite
         for fd in inherited_fds:
             os.close(fd)
         signal.set_wakeup_fd(-1)
-        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
-            signal.signal(sig, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for sig in (signal.SIGCHLD, *FORWARDED):  # the handlers a process starts with
+            signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
         os.setpgrp()  # signals reach the job through its waiting process only, not twice from a terminal
         for target, fd in enumerate(fds):
             os.dup2(fd, target)
