@@ -56,8 +56,11 @@ demo: install dvc.yaml
 	@echo "figure:  results/$(STUDY)/report/main.png (PDF: main.pdf)"
 	@echo "MLflow:  mlflow ui --backend-store-uri sqlite:///results/$(STUDY)/mlflow.db"
 
+# The tests on TEST_WORKERS processes (pytest-xdist; tests/conftest.py says which modules share one); 2 = the CI
+# machine's cores. `pytest` alone runs them in one process.
+TEST_WORKERS ?= 2
 test: install
-	pytest
+	pytest --numprocesses $(TEST_WORKERS) --no-loadscope-reorder
 
 lint: install
 	ruff check src tests bench

@@ -1,4 +1,5 @@
-"""Shared fixtures: the repository, a fresh copy of its parameters, one torch thread, and the reduced study."""
+"""Shared fixtures (the repository, a fresh copy of its parameters, one torch thread, the reduced study) and how
+`make test` spreads the modules over its workers."""
 
 from __future__ import annotations
 
@@ -12,6 +13,38 @@ from helpers import REPO, copy_clone, free_port, reduced_study, repo_params, sna
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+
+# `make test` runs on pytest-xdist workers, each group below going to one worker whole, the groups in the order of
+# the collection (`--no-loadscope-reorder`). A module is a group, so its module fixtures are built once. These modules
+# are one group: they read the session's reduced study (below) or start a SLURM test cluster, whose daemons hold fixed
+# ports.
+ONE_WORKER = ("test_preflight_study.py", "test_slurm.py", "test_preflight_multinode.py", "test_dvc_agreement.py",
+              "test_dvc_remote.py")
+# The longest groups start first, so that no worker is left with one of them while the other has nothing to do.
+LONGEST_FIRST = ("test_demo_e2e.py", "test_preflight_study.py")
+
+
+def worker_group(module: str) -> str:
+    return "slurm-and-reduced-study" if module in ONE_WORKER else module
+
+
+def pytest_collection_modifyitems(config, items):
+    first = [worker_group(module) for module in LONGEST_FIRST]
+    rank = {group: i for i, group in enumerate(first)}
+    items.sort(key=lambda item: rank.get(worker_group(item.path.name), len(first)))  # stable: file order kept
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """xdist's scope scheduling with `worker_group` as the scope. (Its `--dist loadgroup` names groups by rewriting
+    item._nodeid, which pytest 9.2 no longer reads: every test would be a group of its own.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByGroup(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return worker_group(nodeid.split("::", 1)[0].rsplit("/", 1)[-1])
+
+    return ByGroup(config, log)
 
 
 @pytest.fixture(scope="session")
