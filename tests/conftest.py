@@ -29,9 +29,8 @@ def worker_group(module: str) -> str:
 
 
 def pytest_collection_modifyitems(config, items):
-    first = [worker_group(module) for module in LONGEST_FIRST]
-    rank = {group: i for i, group in enumerate(first)}
-    items.sort(key=lambda item: rank.get(worker_group(item.path.name), len(first)))  # stable: file order kept
+    rank = {worker_group(module): i for i, module in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(worker_group(item.path.name), len(rank)))  # stable: file order kept
 
 
 @pytest.hookimpl(optionalhook=True)
