@@ -115,13 +115,25 @@ def test_preempted_training_checkpoints_resumes_and_ends_bit_identical(slurm_stu
         assert ours.keys() == theirs.keys() and all(ours[k].equal(theirs[k]) for k in ours), which
 
 
+def started(pid: int) -> str | None:
+    """When process `pid` started (field 22 of /proc/<pid>/stat, in clock ticks since boot), None if there is none or
+    it is a zombie (exited, not yet reaped by a PID 1 that does not reap). A PID freed by a daemon can be taken by a
+    process the other test worker starts (pid_max may be 32768), which has another start time."""
+    try:
+        state, *fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return None if state == "Z" else fields[18]
+
+
 def test_start_is_idempotent_and_stop_leaves_no_daemon(cluster):
     running = cluster.running()
     assert all(running.values()), running
+    since = {daemon: started(pid) for daemon, pid in running.items()}
     cluster.start()
     assert cluster.running() == running
     cluster.stop()
     assert not any(cluster.running().values())
-    assert all(not Path(f"/proc/{pid}").exists() or "State:\tZ" in Path(f"/proc/{pid}/status").read_text()
-               for pid in running.values())  # gone, or exited and not yet reaped by a PID 1 that does not reap
+    survivors = {daemon: pid for daemon, pid in running.items() if started(pid) == since[daemon]}
+    assert not survivors, survivors  # each daemon's process gone, a zombie, or its PID now another process's
     assert not Path("/etc/slurm/slurm.conf").is_symlink()
