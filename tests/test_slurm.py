@@ -135,5 +135,7 @@ def test_start_is_idempotent_and_stop_leaves_no_daemon(cluster):
     cluster.stop()
     assert not any(cluster.running().values())
     survivors = {daemon: pid for daemon, pid in running.items() if started(pid) == since[daemon]}
-    assert not survivors, survivors  # each daemon's process gone, a zombie, or its PID now another process's
+    # each daemon's process gone, a zombie, or its PID now another process's; else say what the survivor is doing
+    assert not survivors, {daemon: Path(f"/proc/{pid}/status").read_text().splitlines()[:3]
+                           for daemon, pid in survivors.items()}
     assert not Path("/etc/slurm/slurm.conf").is_symlink()
