@@ -130,9 +130,14 @@ class Cluster:
         for daemon in reversed(self.daemons):
             pid = self.pid(daemon)
             if pid:
+                since = started(pid)
+                # wait for the process, not its pid file: munged removes the file before it has exited
+                def exited(p=pid, s=since):
+                    return started(p) != s
                 os.kill(pid, signal.SIGTERM)
-                if not self._wait(f"{daemon} to exit", lambda d=daemon: not self.pid(d), STOP_WAIT_S, False):
+                if not self._wait(f"{daemon} to exit", exited, STOP_WAIT_S, False):
                     os.kill(pid, signal.SIGKILL)
+                    self._wait(f"{daemon} to die", exited, STOP_WAIT_S)
             (self.run / f"{daemon}.pid").unlink(missing_ok=True)
         if DEFAULT_CONF.is_symlink() and DEFAULT_CONF.readlink() == self.conf:
             DEFAULT_CONF.unlink()
@@ -212,6 +217,16 @@ class Cluster:
         if raise_on_timeout:
             raise ClusterError(f"timed out after {timeout:.0f} s waiting for {what} (logs: {self.log})")
         return False
+
+
+def started(pid: int) -> str | None:
+    """When process `pid` started (field 22 of /proc/<pid>/stat, clock ticks since boot); None if there is none or it
+    is a zombie (exited, not yet reaped by a PID 1 that does not reap). A PID taken again names another start."""
+    try:
+        state, *fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return None if state == "Z" else fields[18]
 
 
 def multi_node_names() -> tuple[str, str] | None:

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 from helpers import REPO, copy_clone, evaluation_json_count, snakemake
 from safetensors.torch import load_file
-from slurm_cluster import Cluster, memory_mb, scontrol, submissions
+from slurm_cluster import Cluster, memory_mb, scontrol, started, submissions
 
 pytestmark = [pytest.mark.slurm, pytest.mark.e2e,
               pytest.mark.skipif(os.geteuid() != 0, reason="slurmd runs jobs as their submitter only as root")]
@@ -113,17 +113,6 @@ def test_preempted_training_checkpoints_resumes_and_ends_bit_identical(slurm_stu
         ours = load_file(clone / f"results/demo/pretrain/clip/seed0/{which}/open_clip_model.safetensors")
         theirs = load_file(local_study / f"results/demo/pretrain/clip/seed0/{which}/open_clip_model.safetensors")
         assert ours.keys() == theirs.keys() and all(ours[k].equal(theirs[k]) for k in ours), which
-
-
-def started(pid: int) -> str | None:
-    """When process `pid` started (field 22 of /proc/<pid>/stat, in clock ticks since boot), None if there is none or
-    it is a zombie (exited, not yet reaped by a PID 1 that does not reap). A PID freed by a daemon can be taken by a
-    process the other test worker starts (pid_max may be 32768), which has another start time."""
-    try:
-        state, *fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return None if state == "Z" else fields[18]
 
 
 def test_start_is_idempotent_and_stop_leaves_no_daemon(cluster):
