@@ -141,6 +141,18 @@ def test_conda_env_pins_what_the_lock_pins(tmp_path):
     assert (regenerated / "dinorankclip.yaml").read_text() == (REPO / "envs" / "dinorankclip.yaml").read_text()
 
 
+def test_dvc_parses_params_with_libyaml_and_reads_the_same_values():
+    """DVC parses params.yaml with ruamel's safe loader twice for every stage it commits or checks (3 s of the demo's
+    `dvc commit`); ruamel.yaml.clib makes that libyaml. Its values must be the pure-Python parser's, or dvc.lock
+    would record other params than before."""
+    from dvc.utils.serialize._yaml import parse_yaml
+    from ruamel.yaml import YAML
+
+    assert YAML(typ="safe").Parser.__module__.startswith("ruamel.yaml.clib"), "ruamel.yaml.clib is not installed"
+    text = (REPO / "params.yaml").read_text()
+    assert parse_yaml(text, "params.yaml") == YAML(typ="safe", pure=True).load(text)
+
+
 @pytest.mark.parametrize(("gpus", "nodes", "command", "resources"), [
     # one node: no `mpi` key at all, so the jobstep runs the job in `srun -n1`, a job step that SLURM's signals reach
     (0, 1, "python -m dinorankclip --study s", {"gpu": 0, "nodes": 1, "tasks": 1}),
