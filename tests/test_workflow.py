@@ -98,6 +98,26 @@ def test_dvc_and_snakemake_agree_on_every_stage(fresh_clone):
             assert any(covered(path, dep) for path in inputs), f"{output}: dvc.yaml dependency {dep} not in Snakefile"
 
 
+def test_the_teacher_and_each_finetuning_chain_are_scheduled_first(fresh_clone, params):
+    """Priorities in the demo DAG: the teacher stages highest, then every fine-tuning and the pretraining of the
+    run it starts from (the longest chain left once the teacher is there), and nothing else."""
+    result = run(["snakemake", "-n", "--forceall"], fresh_clone)
+    assert result.returncode == 0, result.stderr[-3000:]
+    priorities, job = {}, None
+    for line in result.stdout.splitlines():
+        if line.startswith(("rule ", "localrule ")):
+            job = [line.split()[1].rstrip(":"), ""]
+        elif line.startswith("    wildcards: ") and job:
+            job[1] = dict(pair.split("=") for pair in line.strip()[len("wildcards: "):].split(", "))["run"]
+        elif line.startswith("    priority: ") and job:
+            priorities[tuple(job)] = int(line.split()[-1])
+    starts = set(params["finetune_runs"].values())
+    assert starts and priorities.pop(("teacher_weights", "")) == priorities.pop(("teacher", "")) == 10
+    assert set(priorities.values()) == {5}
+    tuned = {("finetune", run) for run in params["finetune_runs"]}
+    assert set(priorities) == {("pretrain", run) for run in starts} | tuned
+
+
 def test_drift_is_detected(fresh_clone, tmp_path):
     """The comparison above can fail: drop a dependency from dvc.yaml and it must."""
     clone = tmp_path / "drift"

@@ -34,8 +34,11 @@ TRAINING_RESOURCES = training_resources(TRAINING)
 TRAINING_HOST = training_host(TRAINING)
 EVALUATE = config["studies"][STUDY]["evaluate"]
 FINETUNE = resolve(config, STUDY)["finetune"]
-# The teacher stages gate most pretrain jobs: scheduled first, they do not wait behind runs that need no teacher.
+# Scheduling priorities, highest first. The teacher stages gate most pretrain jobs: scheduled first, they do not
+# wait behind runs that need no teacher. A fine-tuning's start run heads the longest chain left (pretrain, finetune,
+# two evaluations): started last, it ends the study on one core.
 CRITICAL_PATH = 10
+FINETUNE_CHAIN = 5
 
 
 wildcard_constraints:

@@ -10,6 +10,7 @@ rule finetune:
         cli=CLI,
         settings=lambda w: settings("finetune", "teacher", "model", "injection", run=w.run, seed=w.seed),
     threads: cpus(FINETUNE["threads"], FINETUNE["workers"])
+    priority: FINETUNE_CHAIN
     resources:
         cpus_per_task=cpus(FINETUNE["threads"], FINETUNE["workers"]),
     log:

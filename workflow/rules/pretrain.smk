@@ -10,6 +10,7 @@ rule pretrain:
         settings=lambda w: settings("loss", "injection", "captions", "patch_loss", "teacher", "model", "pretrain",
                                     run=w.run, seed=w.seed),
     threads: TRAINING_HOST["cpus_per_task"]
+    priority: lambda w: FINETUNE_CHAIN if w.run in FINETUNED.values() else 0
     resources:
         **TRAINING_RESOURCES,
         **TRAINING_HOST,
