@@ -54,20 +54,25 @@ def test_paper_dry_run_on_a_fresh_clone_lists_every_job(fresh_clone, params):
     assert f"input: {evaluate_inputs}" in result.stdout
 
 
-def snakemake_jobs(cwd: Path) -> dict[str, set[str]]:
-    """{output path: input paths} of every job in the demo DAG, from a forced dry run's job listing."""
+def dry_run_jobs(cwd: Path) -> list[dict[str, str]]:
+    """Every job in the demo DAG as a forced dry run lists it: its rule and its indented fields (input, output,
+    wildcards, priority, ...) as text."""
     result = run(["snakemake", "-n", "--forceall"], cwd)
     assert result.returncode == 0, result.stderr[-3000:]
-    jobs, fields = {}, {}
-    for line in result.stdout.splitlines() + ["rule end:"]:
+    jobs = []
+    for line in result.stdout.splitlines():
         if line.startswith(("rule ", "localrule ")):
-            if fields.get("output"):
-                jobs[fields["output"]] = set(filter(None, fields.get("input", "").split(", ")))
-            fields = {}
-        elif line.startswith(("    input: ", "    output: ")):
+            jobs.append({"rule": line.split()[1].rstrip(":")})
+        elif line.startswith("    ") and jobs and ": " in line:
             key, _, value = line.strip().partition(": ")
-            fields[key] = value
+            jobs[-1][key] = value
     return jobs
+
+
+def snakemake_jobs(cwd: Path) -> dict[str, set[str]]:
+    """{output path: input paths} of every job in the demo DAG, from a forced dry run's job listing."""
+    return {job["output"]: set(filter(None, job.get("input", "").split(", ")))
+            for job in dry_run_jobs(cwd) if job.get("output")}
 
 
 def dvc_stages(cwd: Path) -> dict[str, set[str]]:
@@ -101,16 +106,8 @@ def test_dvc_and_snakemake_agree_on_every_stage(fresh_clone):
 def test_the_teacher_and_each_finetuning_chain_are_scheduled_first(fresh_clone, params):
     """Priorities in the demo DAG: the teacher stages highest, then every fine-tuning and the pretraining of the
     run it starts from (the longest chain left once the teacher is there), and nothing else."""
-    result = run(["snakemake", "-n", "--forceall"], fresh_clone)
-    assert result.returncode == 0, result.stderr[-3000:]
-    priorities, job = {}, None
-    for line in result.stdout.splitlines():
-        if line.startswith(("rule ", "localrule ")):
-            job = [line.split()[1].rstrip(":"), ""]
-        elif line.startswith("    wildcards: ") and job:
-            job[1] = dict(pair.split("=") for pair in line.strip()[len("wildcards: "):].split(", "))["run"]
-        elif line.startswith("    priority: ") and job:
-            priorities[tuple(job)] = int(line.split()[-1])
+    priorities = {(job["rule"], dict(pair.split("=") for pair in job.get("wildcards", "run=").split(", "))["run"]):
+                  int(job["priority"]) for job in dry_run_jobs(fresh_clone) if "priority" in job}
     starts = set(params["finetune_runs"].values())
     assert starts and priorities.pop(("teacher_weights", "")) == priorities.pop(("teacher", "")) == 10
     assert set(priorities.values()) == {5}
